@@ -1,0 +1,218 @@
+"""Configuration: TOML decoded into msgspec Structs.
+
+Unknown keys are rejected and every error names its place, e.g.
+``tiers[2].max_latency_ms: expected >= 1``. Loading never reads the environment and never
+logs; the CLI decides what to do with a ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from gateway.errors import ConfigError
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+Share = Annotated[float, Meta(ge=0.0, le=1.0)]
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=64)]
+
+
+class _Base(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+def split_host_port(value: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """``"HOST:PORT"``, ``":PORT"`` or ``"[v6]:PORT"`` → (host, port)."""
+    m = re.fullmatch(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:]*)):(?P<port>\d{1,5})", value)
+    if m is None or int(m["port"]) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = m["v6"] or m["host"] or default_host
+    return host, int(m["port"])
+
+
+class GatewaySection(_Base):
+    node_id: Name = "gw-1"
+    region: Name = "local"
+    state_dir: str = "./data/state"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class MQTTListener(_Base):
+    listen: str = "0.0.0.0:1883"
+    max_packet_size: Annotated[int, Meta(ge=64, le=268_435_455)] = 1_048_576
+    receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 1024
+    """MQTT 5 receive-maximum announced to clients (QoS>0 publishes in flight per client)."""
+    max_keepalive: Annotated[int, Meta(ge=0, le=65535)] = 0
+    """If > 0, MQTT 5 clients asking for more (or 0) are told to use this (server keepalive)."""
+    connect_timeout_s: Annotated[float, Meta(gt=0)] = 10.0
+    write_high_water: PositiveInt = 256 * 1024
+    """Stop reading a client whose unsent acks exceed this many bytes."""
+    max_topic_cache: PositiveInt = 1024
+    """Per connection: topic → classification entries kept."""
+
+    def __post_init__(self) -> None:
+        split_host_port(self.listen)
+
+
+class AdminSection(_Base):
+    listen: str = "127.0.0.1:9883"
+
+    def __post_init__(self) -> None:
+        split_host_port(self.listen)
+
+
+class Tier(_Base):
+    name: Name
+    max_latency_ms: Annotated[float, Meta(gt=0)]
+    guaranteed_share: Share = 0.0
+    """Fraction of dispatches this tier gets whenever it has work waiting."""
+    shed_qos0: bool = True
+    """QoS 0 messages of this tier may be shed when the gateway is past its limits."""
+
+
+class DispatchSection(_Base):
+    batch_size: Annotated[int, Meta(ge=1, le=65536)] = 512
+    """Messages handed to one processing slot at a time."""
+    slots: Annotated[int, Meta(ge=1, le=4096)] = 4
+    """Batches in processing at once (they overlap only while sinks wait on I/O)."""
+    max_queued: PositiveInt = 200_000
+    """Above this many queued messages, reading from clients pauses (back-pressure)."""
+    resume_queued: PositiveInt = 100_000
+    """Reading resumes when the queue falls back below this."""
+
+    def __post_init__(self) -> None:
+        if self.resume_queued >= self.max_queued:
+            raise ValueError("resume_queued must be below max_queued")
+
+
+class Match(_Base):
+    """All given conditions must hold. Strings are shell globs; ``topic`` is an MQTT filter."""
+
+    device: str | None = None
+    username: str | None = None
+    client_id: str | None = None
+    topic: str | None = None
+    tenant: str | None = None
+
+
+class Rule(_Base):
+    match: Match
+    tenant: str | None = None
+    tier: str | None = None
+    device_class: str | None = None
+    region: str | None = None
+
+
+class ClassifySection(_Base):
+    device_id: Literal["client_id", "topic"] = "client_id"
+    """Where the device id comes from: the MQTT client id, or a topic level."""
+    device_topic_level: NonNegInt = 1
+    """With ``device_id = "topic"``: which level (0-based) of the topic names the device."""
+    default_tenant: str = "default"
+    default_tier: str = "standard"
+    registry: str | None = None
+    """A device registry file (TOML or CSV): device → tenant, tier, device_class, region."""
+    rules: list[Rule] = []
+
+
+class FieldSpec(_Base):
+    type: Literal["number", "integer", "string", "boolean", "object", "array"] = "number"
+    required: bool = False
+    min: float | None = None
+    max: float | None = None
+
+
+class Schema(_Base):
+    fields: dict[str, FieldSpec] = {}
+    allow_extra: bool = True
+
+
+class Pipeline(_Base):
+    name: Name
+    stages: list[dict[str, Any]]
+    """Each stage is a table with ``type`` (a registered stage name) and its options."""
+    tiers: list[str] | None = None
+    """Tiers this pipeline serves; the first pipeline without ``tiers`` serves the rest."""
+
+
+class Sink(_Base):
+    type: str
+    options: dict[str, Any] = {}
+
+
+class Config(_Base):
+    gateway: GatewaySection = GatewaySection()
+    mqtt: MQTTListener = MQTTListener()
+    admin: AdminSection = AdminSection()
+    dispatch: DispatchSection = DispatchSection()
+    tiers: list[Tier] = []
+    classify: ClassifySection = ClassifySection()
+    schemas: dict[str, Schema] = {}
+    pipelines: list[Pipeline] = []
+    sinks: dict[str, Sink] = {}
+
+    def __post_init__(self) -> None:
+        if not self.tiers:
+            raise ValueError("at least one tier is required")
+        names = [t.name for t in self.tiers]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"tier names must be unique, repeated: {sorted(dup)}")
+        if sum(t.guaranteed_share for t in self.tiers) > 1.0 + 1e-9:
+            raise ValueError("the tiers' guaranteed_share values add up to more than 1")
+        if self.classify.default_tier not in names:
+            raise ValueError(f"classify.default_tier {self.classify.default_tier!r} is not a tier")
+        for i, rule in enumerate(self.classify.rules):
+            if rule.tier is not None and rule.tier not in names:
+                raise ValueError(f"classify.rules[{i}].tier: unknown tier {rule.tier!r}")
+        for i, p in enumerate(self.pipelines):
+            for t in p.tiers or ():
+                if t not in names:
+                    raise ValueError(f"pipelines[{i}].tiers: unknown tier {t!r}")
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [t.name for t in self.tiers]
+
+
+_PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def _format_error(err: msgspec.MsgspecError) -> str:
+    """msgspec's ``"Expected ... - at `$.tiers[2].x`"`` → ``"tiers[2].x: expected ..."``."""
+    text = str(err)
+    m = _PATH_RE.search(text)
+    if m is None:
+        return text
+    path = m["path"].lstrip(".")
+    message = text[: m.start()]
+    message = message[:1].lower() + message[1:]
+    return f"{path}: {message}" if path else message
+
+
+def parse_config(text: str | bytes, source: str = "<config>") -> Config:
+    try:
+        return msgspec.toml.decode(text, type=Config)
+    except (msgspec.ValidationError, msgspec.DecodeError) as err:
+        raise ConfigError(f"{source}: {_format_error(err)}") from None
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load ``path``, or the built-in default config when ``path`` is None."""
+    file = Path(path) if path is not None else default_config_path()
+    try:
+        text = file.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{file}: cannot read: {err.strerror}") from None
+    return parse_config(text, str(file))
+
+
+def default_config_path() -> Path:
+    here = Path(__file__).resolve().parent
+    packaged = here / "default_config" / "gateway.toml"  # inside the wheel
+    return packaged if packaged.exists() else here.parent / "config" / "gateway.toml"

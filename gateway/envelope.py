@@ -1,0 +1,45 @@
+"""The envelope: one message on its way through the gateway.
+
+Every protocol adapter turns what it received into an ``Envelope``; everything after
+ingest (classification, dispatch, pipeline stages, sinks) reads and writes envelopes only.
+It is a mutable ``msgspec.Struct`` with ``gc=False``: cheap to create on the hot path (no
+dict, no GC tracking) and encodable as is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class Envelope(msgspec.Struct, gc=False):
+    id: str
+    """Gateway-unique message id (``<node>-<sequence>``)."""
+    device: str
+    tenant: str
+    tier: str
+    region: str
+    topic: str
+    payload: bytes
+    received_ns: int
+    """``time.monotonic_ns()`` when the first byte of the read that carried it arrived."""
+    received_at: float
+    """Wall clock (``time.time()``) at the same instant, for records and partitioning."""
+    protocol: str = "mqtt"
+    qos: int = 0
+    device_class: str = ""
+    deadline_ns: int = 0
+    """``received_ns`` + the tier's max latency: the lane's earliest-deadline-first key."""
+    data: Any = None
+    """The decoded payload once a stage has decoded it (a dict for JSON objects)."""
+    meta: dict[str, Any] | None = None
+    """Attributes added by enrichment (from the device registry)."""
+    errors: list[str] | None = None
+    """Validation findings; the message is still processed and kept."""
+    sinks: tuple[str, ...] = ()
+    """Where the route stage sends it."""
+    ack: Any = None
+    """Protocol-specific handle to acknowledge the message once it is safe to do so."""
+    stage: int = 0
+    """Index of the next pipeline stage to run (progress survives preemption)."""
