@@ -103,8 +103,19 @@ class Metrics:
         self.validation_failures = Counter(
             "iotgw_validation_failures", "Messages that failed their device-class schema",
             ["device_class"], registry=r)
+        self.pipeline_failures = Counter(
+            "iotgw_pipeline_failures", "Messages whose pipeline raised", ["tier"], registry=r)
         self.sink_records = Counter(
             "iotgw_sink_records", "Records written by each sink", ["sink"], registry=r)
+        self.sink_errors = Counter(
+            "iotgw_sink_errors", "Sink write failures (the records stay buffered for retry)",
+            ["sink"], registry=r)
+        self.sink_buffered = Gauge(
+            "iotgw_sink_buffered_bytes", "Bytes a sink holds that have not reached the OS",
+            ["sink"], registry=r)
+        self.pipeline_unrouted = Counter(
+            "iotgw_pipeline_unrouted", "Messages that ended a pipeline with no sink to go to",
+            ["pipeline"], registry=r)
         self.connections = Gauge(
             "iotgw_connections", "Open client connections", ["protocol"], registry=r)
         self.queue_depth = Gauge(

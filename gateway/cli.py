@@ -1,0 +1,107 @@
+"""The ``iot-gateway`` command. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from gateway import __version__
+from gateway.config import load_config
+from gateway.errors import ConfigError, GatewayError
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+class _ConfigClickException(click.ClickException):
+    exit_code = 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="iot-gateway")
+def main() -> None:
+    """iot-gateway: MQTT ingest, classification, tiered priority dispatch, pipelines, sinks."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="TOML config file (default: the built-in config).")
+@click.option("--mqtt-listen", metavar="HOST:PORT",
+              help="MQTT listener, overrides mqtt.listen (port 0: any free port).")
+@click.option("--admin-listen", metavar="HOST:PORT",
+              help="Admin HTTP listener, overrides admin.listen (port 0: any free port).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+              help="Overrides gateway.log_level.")
+@click.option("--shutdown-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds to drain queued work on SIGTERM.")
+def serve(config_path: Path | None, mqtt_listen: str | None, admin_listen: str | None,
+          log_level: str | None, shutdown_timeout: float) -> None:
+    """Run the gateway until SIGTERM or SIGINT."""
+    import uvloop
+
+    from gateway.app import Gateway
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as err:
+        raise _ConfigClickException(f"invalid configuration: {err}") from None
+    _setup_logging(log_level or config.gateway.log_level)
+    try:
+        gateway = Gateway(config, mqtt_listen=mqtt_listen, admin_listen=admin_listen,
+                          shutdown_timeout=shutdown_timeout)
+        uvloop.run(gateway.run())
+    except ConfigError as err:
+        raise _ConfigClickException(f"invalid configuration: {err}") from None
+    except GatewayError as err:
+        raise click.ClickException(str(err)) from None
+
+
+@main.command("check-config")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+def check_config(path: Path) -> None:
+    """Validate a config file: exit 0 if it is valid, 2 with the errors if not."""
+    from gateway.pipeline import validate_pipelines
+
+    try:
+        config = load_config(path)
+        validate_pipelines(config)
+    except ConfigError as err:
+        raise _ConfigClickException(str(err)) from None
+    click.echo(f"{path}: ok ({len(config.tiers)} tiers, {len(config.pipelines)} pipelines, "
+               f"{len(config.sinks)} sinks)")
+
+
+@main.command()
+@click.option("--messages", type=int, default=400_000, show_default=True,
+              help="Messages per QoS level.")
+@click.option("--connections", type=int, default=8, show_default=True)
+@click.option("--payload-size", type=int, default=64, show_default=True)
+@click.option("--qos", "qos_levels", default="0,1", show_default=True,
+              help="Comma-separated QoS levels to run.")
+@click.option("--peer/--no-peer", default=True, show_default=True,
+              help="Also measure mosquitto (when on PATH) in the same run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench(messages: int, connections: int, payload_size: int, qos_levels: str, peer: bool,
+          as_json: bool) -> None:
+    """Measure ingest → classify → dispatch → null sink throughput and latency."""
+    from gateway.bench import run_bench
+
+    levels = [int(q) for q in qos_levels.split(",") if q.strip()]
+    if any(q not in (0, 1, 2) for q in levels):
+        raise click.UsageError("--qos takes levels 0, 1 and 2")
+    try:
+        run_bench(messages=messages, connections=connections, payload_size=payload_size,
+                  qos_levels=levels, with_peer=peer, as_json=as_json)
+    except GatewayError as err:
+        raise click.ClickException(str(err)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""A thin asyncio adapter: sockets in, ``ServerConnection`` in the middle, hooks out.
+
+It feeds bytes to the sans-I/O codec, hands the events to the application's hooks (PUBLISH
+events of one read in one batch), and writes everything the codec produced with one
+``transport.write`` per read. It pauses reading when the application asks (back-pressure)
+or when the client does not read its acks (write buffer above the high-water mark).
+Keepalive and connect timeouts are checked by one coarse timer in the server, not per
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+from protocols.mqtt.connection import (
+    ClientDisconnect,
+    ConnectionClosed,
+    ConnectRequest,
+    ServerConnection,
+    SubscribeRequest,
+    UnsubscribeRequest,
+)
+from protocols.mqtt.packets import Publish
+
+log = logging.getLogger("iotgw.mqtt")
+
+
+class MQTTHooks(Protocol):
+    """What the application does with a connection's events."""
+
+    def on_connect(self, client: MQTTServerProtocol, request: ConnectRequest) -> None:
+        """Call ``client.conn.accept()`` or ``client.conn.refuse(code)``."""
+
+    def on_publish(
+        self, client: MQTTServerProtocol, batch: list[Publish], received_ns: int, received_at: float
+    ) -> None:
+        """Take a read's PUBLISH packets; ack QoS > 0 ones through ``client.conn.ack``."""
+
+    def on_subscribe(self, client: MQTTServerProtocol, request: SubscribeRequest) -> None: ...
+
+    def on_unsubscribe(self, client: MQTTServerProtocol, request: UnsubscribeRequest) -> None: ...
+
+    def on_violation(self, client: MQTTServerProtocol, reason: str, message: str) -> None: ...
+
+    def on_open(self, client: MQTTServerProtocol) -> None: ...
+
+    def on_close(self, client: MQTTServerProtocol) -> None: ...
+
+
+class MQTTServerProtocol(asyncio.Protocol):
+    def __init__(
+        self, hooks: MQTTHooks, codec_options: dict[str, Any], write_high_water: int
+    ) -> None:
+        self.hooks = hooks
+        self.conn = ServerConnection(**codec_options)
+        self.write_high_water = write_high_water
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.opened = time.monotonic()
+        # Owned by the application: its per-connection classification cache and filters.
+        self.topic_cache: dict[str, Any] = {}
+        self.subscriptions: set[str] = set()
+        self._pause_reasons = 0  # bit 1: application back-pressure, bit 2: our write buffer
+
+    # -- asyncio callbacks -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        transport.set_write_buffer_limits(high=self.write_high_water)
+        self.hooks.on_open(self)
+
+    def data_received(self, data: bytes) -> None:
+        received_ns = time.monotonic_ns()
+        conn = self.conn
+        events = conn.receive_data(data, received_ns / 1e9)
+        batch: list[Publish] | None = None
+        hooks = self.hooks
+        for event in events:
+            if type(event) is Publish:
+                if batch is None:
+                    batch = [event]
+                else:
+                    batch.append(event)
+                continue
+            if batch:  # keep order: what came before a control packet is handled first
+                hooks.on_publish(self, batch, received_ns, time.time())
+                batch = None
+            if type(event) is ConnectRequest:
+                hooks.on_connect(self, event)
+            elif type(event) is SubscribeRequest:
+                hooks.on_subscribe(self, event)
+            elif type(event) is UnsubscribeRequest:
+                hooks.on_unsubscribe(self, event)
+            elif type(event) is ClientDisconnect:
+                self._close()
+            elif type(event) is ConnectionClosed:
+                violation = event.violation
+                hooks.on_violation(self, violation.reason, str(violation))
+                self._close()
+        if batch:
+            hooks.on_publish(self, batch, received_ns, time.time())
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.hooks.on_close(self)
+
+    def pause_writing(self) -> None:
+        self._pause(2)
+
+    def resume_writing(self) -> None:
+        self._resume(2)
+
+    # -- called by the application and the server --------------------------------------
+    def flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out and self.transport is not None:
+            self.transport.write(out)
+
+    def pause_for_backpressure(self, paused: bool) -> None:
+        if paused:
+            self._pause(1)
+        else:
+            self._resume(1)
+
+    def close(self, reason_code: int | None = None) -> None:
+        """Close, first telling an MQTT 5 client why when ``reason_code`` is given."""
+        if reason_code is not None and not self.conn.closed:
+            self.conn.disconnect(reason_code)
+        self._close()
+
+    def _close(self) -> None:
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _pause(self, reason: int) -> None:
+        if not self._pause_reasons and self.transport is not None:
+            self.transport.pause_reading()
+        self._pause_reasons |= reason
+
+    def _resume(self, reason: int) -> None:
+        was = self._pause_reasons
+        self._pause_reasons &= ~reason
+        if was and not self._pause_reasons and self.transport is not None:
+            self.transport.resume_reading()
