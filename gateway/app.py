@@ -117,7 +117,7 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         try:
-            await self._stop.wait()
+            await self.stopped()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -125,6 +125,10 @@ class Gateway:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    async def stopped(self) -> None:
+        """Return once a stop has been requested."""
+        await self._stop.wait()
 
     async def shutdown(self) -> None:
         self.ready = False

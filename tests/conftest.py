@@ -1,0 +1,128 @@
+"""Shared fixtures: a real gateway on loopback, in a thread with its own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from gateway.app import Gateway
+from gateway.config import default_config_path, parse_config
+
+DEFAULT_TOML = default_config_path().read_text()
+
+
+class RunningGateway:
+    """A gateway serving in a background thread; tests talk to it over real sockets."""
+
+    def __init__(self, gateway: Gateway, loop: asyncio.AbstractEventLoop,
+                 thread: threading.Thread) -> None:
+        self.gateway = gateway
+        self.loop = loop
+        self.thread = thread
+
+    @property
+    def mqtt_port(self) -> int:
+        assert self.gateway.mqtt_address is not None
+        return self.gateway.mqtt_address[1]
+
+    @property
+    def admin_url(self) -> str:
+        assert self.gateway.admin_address is not None
+        return f"http://127.0.0.1:{self.gateway.admin_address[1]}"
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.admin_url + path, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads(self.get("/v1/stats")[1])
+
+    def metrics(self) -> str:
+        return self.get("/metrics")[1].decode()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting; stats: {self.stats()}")
+            time.sleep(0.02)
+
+    def wait_processed(self, count: int, timeout: float = 10.0) -> None:
+        self.wait_for(lambda: self.stats()["processed"] >= count, timeout)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.gateway.request_stop)
+            self.thread.join(timeout=30)
+
+
+def config_text(tmp_path: Path, extra: str = "", base: str = DEFAULT_TOML) -> str:
+    """The built-in config, writing under ``tmp_path``, listening on free loopback ports."""
+    text = base.replace('"./data/lake"', json.dumps(str(tmp_path / "lake")))
+    text = text.replace('"./data/state"', json.dumps(str(tmp_path / "state")))
+    return text + "\n" + extra
+
+
+def start_gateway(text: str) -> RunningGateway:
+    config = parse_config(text)
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        async def main() -> None:
+            gateway = Gateway(config, mqtt_listen="127.0.0.1:0", admin_listen="127.0.0.1:0",
+                              shutdown_timeout=5)
+            box["gateway"], box["loop"] = gateway, asyncio.get_running_loop()
+            try:
+                await gateway.start()
+            except BaseException as err:
+                box["error"] = err
+                ready.set()
+                raise
+            ready.set()
+            await gateway.stopped()
+            await gateway.shutdown()
+
+        try:
+            uvloop.run(main())
+        except BaseException as err:  # reported to the test through box
+            box.setdefault("error", err)
+            ready.set()
+
+    thread = threading.Thread(target=run, name="gateway", daemon=True)
+    thread.start()
+    assert ready.wait(15), "gateway did not start"
+    if "error" in box:
+        raise box["error"]
+    return RunningGateway(box["gateway"], box["loop"], thread)
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
+    running: list[RunningGateway] = []
+
+    def factory(extra: str = "", base: str = DEFAULT_TOML) -> RunningGateway:
+        gw = start_gateway(config_text(tmp_path, extra, base))
+        running.append(gw)
+        return gw
+
+    yield factory
+    for gw in running:
+        gw.stop()
+
+
+@pytest.fixture
+def gateway(gateway_factory: Callable[..., RunningGateway]) -> RunningGateway:
+    return gateway_factory()
