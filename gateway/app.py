@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -59,9 +60,9 @@ class Gateway:
 
         registry = (DeviceRegistry.load(config.classify.registry) if config.classify.registry
                     else DeviceRegistry.empty())
-        context = StageContext(config=config, registry=registry, metrics=self.metrics,
-                               schemas=config.schemas)
         self.sinks: dict[str, Sink] = build_sinks(config, self.metrics)
+        context = StageContext(config=config, registry=registry, metrics=self.metrics,
+                               schemas=config.schemas, sinks=self.sinks)
         self.pipelines: dict[str, Pipeline] = build_pipelines(config, context)
         self.workers = Workers(self.pipelines, self.metrics)
         self.dispatcher = Dispatcher(config.tiers, config.dispatch, self.workers.process,
@@ -141,6 +142,7 @@ class Gateway:
         except TimeoutError:
             log.warning("shutdown: %d queued messages not processed within %.1f s",
                         self.dispatcher.queued, self.shutdown_timeout)
+        self._close_windows(math.inf)
         for name, sink in self.sinks.items():
             try:
                 await sink.close()
@@ -176,11 +178,20 @@ class Gateway:
                     client.close()
             if now >= next_flush:
                 next_flush = now + SINK_FLUSH_INTERVAL_S
+                self._close_windows(time.time())
                 for name, sink in self.sinks.items():
                     try:
                         await sink.flush()
                     except Exception:
                         log.exception("sink %s failed to flush", name)
+
+    def _close_windows(self, now: float) -> None:
+        """Emit the aggregation windows that ``now`` has closed."""
+        for pipeline in set(self.pipelines.values()):
+            try:
+                pipeline.flush(now)
+            except Exception:
+                log.exception("pipeline %s failed to close its windows", pipeline.name)
 
     def _on_pressure(self, paused: bool) -> None:
         if paused:

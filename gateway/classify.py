@@ -76,7 +76,7 @@ class Classifier:
         device = self.device_of(client_id, topic)
         s = self.section
         tenant, tier, device_class, region = s.default_tenant, s.default_tier, "", self.region
-        info = self.registry.lookup(device)
+        info = self.registry.record(device)
         if info is not None:
             tenant = info.tenant or tenant
             tier = info.tier or tier

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from protocols.mqtt.connection import (
     ClientDisconnect,
@@ -67,11 +67,10 @@ class MQTTServerProtocol(asyncio.Protocol):
 
     # -- asyncio callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        transport.set_write_buffer_limits(high=self.write_high_water)
+        self.transport.set_write_buffer_limits(high=self.write_high_water)
         self.hooks.on_open(self)
 
     def data_received(self, data: bytes) -> None:

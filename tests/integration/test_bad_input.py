@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -46,9 +46,37 @@ def publish_packet(topic: bytes, payload: bytes = b"{}", version: int = 4,
     return packet(first, utf8(topic) + props + payload)
 
 
+def DISCONNECT(reason: int) -> tuple[str, int]:
+    return ("DISCONNECT", reason)
+
+
+def CONNACK_311(code: int) -> tuple[str, int]:
+    return ("CONNACK", code)
+
+
+def reply_of(data: bytes) -> tuple[str, int] | bytes:
+    """What the server said before closing: a packet kind and its reason code, or raw bytes."""
+    if data[:1] == b"\xe0":  # DISCONNECT; the reason code may be omitted when it is 0
+        return ("DISCONNECT", data[2] if len(data) > 2 else 0)
+    if data[:1] == b"\x20" and len(data) == 4:
+        return ("CONNACK", data[3])
+    return data
+
+
+_open: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets() -> Iterator[None]:
+    yield
+    while _open:
+        _open.pop().close()
+
+
 class Raw:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        _open.append(self.sock)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -75,7 +103,6 @@ def assert_still_serving(gw: RunningGateway) -> None:
     before = gw.stats()["processed"]
     good.send(publish_packet(b"still/working", b'{"ok": 1}', version=5))
     gw.wait_processed(before + 1)
-    good.sock.close()
 
 
 def counted(gw: RunningGateway, reason: str) -> bool:
@@ -83,17 +110,17 @@ def counted(gw: RunningGateway, reason: str) -> bool:
 
 
 # (name, version, bytes after a successful CONNECT, reason slug, expected reply or None)
-AFTER_CONNECT: list[tuple[str, int, bytes, str, bytes | None]] = [
+AFTER_CONNECT: list[tuple[str, int, bytes, str, tuple[str, int] | bytes]] = [
     ("remaining length over 4 bytes", 5, b"\x30\xff\xff\xff\xff\x01",
-     "malformed_remaining_length", b"\xe0\x02\x81\x00"),
-    ("reserved flag bits", 5, b"\xc1\x00", "reserved_flags", b"\xe0\x02\x81\x00"),
+     "malformed_remaining_length", DISCONNECT(0x81)),
+    ("reserved flag bits", 5, b"\xc1\x00", "reserved_flags", DISCONNECT(0x81)),
     ("unknown packet type 0", 4, b"\x00\x00", "unknown_packet_type", b""),
-    ("second CONNECT", 5, connect_packet(5, "again"), "second_connect", b"\xe0\x02\x82\x00"),
+    ("second CONNECT", 5, connect_packet(5, "again"), "second_connect", DISCONNECT(0x82)),
     ("wildcard in PUBLISH topic", 5, publish_packet(b"a/+/b", version=5), "wildcard_in_topic",
-     b"\xe0\x02\x90\x00"),
+     DISCONNECT(0x90)),
     ("multi-level wildcard in topic", 4, publish_packet(b"a/#"), "wildcard_in_topic", b""),
     ("invalid UTF-8 in topic", 5, publish_packet(b"a/\xff\xfe", version=5), "invalid_utf8",
-     b"\xe0\x02\x81\x00"),
+     DISCONNECT(0x81)),
     ("QoS 3", 4, publish_packet(b"a/b", first=0x36), "invalid_qos", b""),
     ("length past the end of the packet", 4, packet(0x30, b"\x00\x10ab"), "malformed_packet",
      b""),
@@ -104,7 +131,7 @@ AFTER_CONNECT: list[tuple[str, int, bytes, str, bytes | None]] = [
                          ids=[c[0] for c in AFTER_CONNECT])
 def test_malformed_frame_after_connect_closes_only_that_connection(
         gateway: RunningGateway, caplog: pytest.LogCaptureFixture, name: str, version: int,
-        data: bytes, reason: str, reply: bytes | None) -> None:
+        data: bytes, reason: str, reply: tuple[str, int] | bytes) -> None:
     bystander = Raw(gateway.mqtt_port)
     bystander.connect(4, "bystander")
     bad = Raw(gateway.mqtt_port)
@@ -114,29 +141,29 @@ def test_malformed_frame_after_connect_closes_only_that_connection(
         bad.send(data)
         sent_back = bad.read_until_closed()
         gateway.wait_for(lambda: counted(gateway, reason), 5)
-    if reply is not None:
-        assert sent_back == reply
+    assert reply_of(sent_back) == reply
     assert any(peer in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     bystander.send(b"\xc0\x00")  # PINGREQ: the other connection is untouched
     assert bystander.sock.recv(2) == b"\xd0\x00"
     assert_still_serving(gateway)
 
 
-BEFORE_CONNECT: list[tuple[str, bytes, str, bytes]] = [
+BEFORE_CONNECT: list[tuple[str, bytes, str, tuple[str, int] | bytes]] = [
     ("PUBLISH before CONNECT", publish_packet(b"a/b"), "publish_before_connect", b""),
     ("wrong protocol name", connect_packet(4, name=b"MQTX"), "bad_protocol_name", b""),
     ("unsupported protocol level 3", connect_packet(3), "bad_protocol_level",
-     b"\x20\x02\x00\x01"),
+     CONNACK_311(0x01)),
 ]
 
 
 @pytest.mark.parametrize(("name", "data", "reason", "reply"), BEFORE_CONNECT,
                          ids=[c[0] for c in BEFORE_CONNECT])
 def test_malformed_frame_before_connect_is_refused(
-        gateway: RunningGateway, name: str, data: bytes, reason: str, reply: bytes) -> None:
+        gateway: RunningGateway, name: str, data: bytes, reason: str,
+        reply: tuple[str, int] | bytes) -> None:
     bad = Raw(gateway.mqtt_port)
     bad.send(data)
-    assert bad.read_until_closed() == reply
+    assert reply_of(bad.read_until_closed()) == reply
     gateway.wait_for(lambda: counted(gateway, reason), 5)
     assert_still_serving(gateway)
 
@@ -153,7 +180,7 @@ def test_packet_over_the_maximum_size_is_refused_before_it_is_read(
     bad.connect(5)
     # Announce a 100 kB PUBLISH but send only its header: the server must not wait for it.
     bad.send(b"\x30" + varint(100_000) + utf8(b"big/topic"))
-    assert bad.read_until_closed() == b"\xe0\x02\x95\x00"
+    assert reply_of(bad.read_until_closed()) == DISCONNECT(0x95)
     small_packets.wait_for(lambda: counted(small_packets, "packet_too_large"), 5)
     assert_still_serving(small_packets)
 

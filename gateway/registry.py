@@ -1,0 +1,313 @@
+"""The device registry: device id → tenant, tier, device class, region and extra attributes.
+
+Theory of operation
+-------------------
+A registry may hold a million devices, so it is stored compactly and read without
+allocating: one ``dict`` from device id to a ``DeviceRecord``, a frozen, untracked (``gc=False``)
+array-like Struct of six slots (64 bytes). Its strings are shared: tenant, tier, class and
+region are interned; extra attributes are kept as a tuple of values aligned with a tuple of
+attribute names, and both tuples are shared between devices whenever they are equal (every
+CSV row shares the header's names; equal value tuples are deduplicated, up to a bound so that
+loading a registry of unique values does not pay for a table it cannot use).
+
+``lookup()`` builds the public, self-contained ``DeviceInfo`` (with its own ``attributes``
+dict) on each call; hot paths that run per message use ``record()``, which allocates nothing.
+
+Formats::
+
+    # devices.toml                          # devices.csv
+    [devices."dev-1"]                       device,tenant,tier,device_class,region,site
+    tenant = "acme"                         dev-1,acme,critical,thermometer,eu,plant-3
+    tier = "critical"
+    device_class = "thermometer"
+    region = "eu"
+    site = "plant-3"        # any other key is an extra attribute
+
+Empty values mean "not set" (classification applies its defaults; an empty CSV cell is no
+attribute). Errors raise ``ConfigError`` naming the file and, for CSV, the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from gateway.errors import ConfigError
+
+CORE_COLUMNS: tuple[str, ...] = ("device", "tenant", "tier", "device_class", "region")
+
+# Distinct values remembered per extra column (and distinct attribute tuples) while loading.
+# Beyond this a column is treated as high-cardinality (serial numbers, install dates...): its
+# values are no longer interned, since sharing would save nothing and the table would cost.
+_DEDUP_LIMIT = 65_536
+
+
+class DeviceInfo(msgspec.Struct, frozen=True, gc=False, kw_only=True):
+    """What the registry knows about one device."""
+
+    tenant: str
+    tier: str
+    device_class: str
+    region: str
+    attributes: dict[str, str] = {}
+
+
+class DeviceRecord(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """The stored form of a device: shared strings, no per-device dict or tuple.
+
+    Each registry stores instances of a subclass with one string slot per extra attribute
+    (``""`` when the device lacks it); ``DeviceRegistry.attributes(record)`` names them.
+    """
+
+    tenant: str
+    tier: str
+    device_class: str
+    region: str
+
+
+_CORE_SLOTS = 4
+
+
+def _record_type(width: int) -> type[DeviceRecord]:
+    """The record class with ``width`` attribute slots (``a0``, ``a1``, ...)."""
+    if width == 0:
+        return DeviceRecord
+    cls = msgspec.defstruct(f"DeviceRecord{width}", [(f"a{i}", str) for i in range(width)],
+                            bases=(DeviceRecord,), frozen=True, gc=False, array_like=True,
+                            module=__name__)
+    assert issubclass(cls, DeviceRecord)
+    return cls
+
+
+class DeviceRegistry:
+    """An immutable device id → ``DeviceRecord`` map."""
+
+    __slots__ = ("_names", "_records", "source")
+
+    def __init__(self, records: dict[str, DeviceRecord] | None = None,
+                 attribute_names: tuple[str, ...] = (), source: str = "") -> None:
+        self._records: dict[str, DeviceRecord] = records if records is not None else {}
+        self._names = attribute_names
+        self.source = source
+
+    @classmethod
+    def empty(cls) -> DeviceRegistry:
+        return cls({}, (), "<empty>")
+
+    @classmethod
+    def from_devices(cls, devices: Mapping[str, DeviceInfo]) -> DeviceRegistry:
+        """Build from ``DeviceInfo`` values (tests, and callers that load from elsewhere)."""
+        names = tuple(sorted({k for info in devices.values() for k in info.attributes}))
+        record = _record_type(len(names))
+        intern = sys.intern
+        records = {
+            device: record(intern(info.tenant), intern(info.tier), intern(info.device_class),
+                           intern(info.region), *(info.attributes.get(k, "") for k in names))
+            for device, info in devices.items()
+        }
+        return cls(records, names, "<memory>")
+
+    @classmethod
+    def load(cls, path: str | Path, *, tiers: Collection[str] | None = None) -> DeviceRegistry:
+        """Load a ``.toml`` or ``.csv`` file; ``tiers``, if given, are the valid tier names."""
+        name = str(path)
+        suffix = Path(path).suffix.lower()
+        if suffix not in (".toml", ".csv"):
+            raise ConfigError(f"registry {name}: unsupported format {suffix or '(none)'!r} "
+                              "(expected .toml or .csv)")
+        checker = _TierCheck(tiers)
+        try:
+            if suffix == ".csv":
+                with open(path, encoding="utf-8-sig", newline="") as file:
+                    records, names = _load_csv(file, name, checker)
+            else:
+                with open(path, "rb") as binary:
+                    records, names = _load_toml(binary.read(), name, checker)
+        except OSError as err:
+            raise ConfigError(f"registry {name}: cannot read: {err.strerror}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"registry {name}: not UTF-8: {err.reason}") from None
+        return cls(records, names, name)
+
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        """The extra attributes any device of this registry may have."""
+        return self._names
+
+    def lookup(self, device: str) -> DeviceInfo | None:
+        """The device's information as a new ``DeviceInfo``; ``None`` if unknown."""
+        record = self._records.get(device)
+        if record is None:
+            return None
+        return DeviceInfo(tenant=record.tenant, tier=record.tier,
+                          device_class=record.device_class, region=record.region,
+                          attributes=self.attributes(record))
+
+    def record(self, device: str) -> DeviceRecord | None:
+        """The stored record (no allocation): for per-message use."""
+        return self._records.get(device)
+
+    def attributes(self, record: DeviceRecord) -> dict[str, str]:
+        """A new dict of the extra attributes ``record`` (of this registry) has."""
+        if not self._names:
+            return {}
+        values = msgspec.structs.astuple(record)[_CORE_SLOTS:]
+        return {k: v for k, v in zip(self._names, values, strict=True) if v}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, device: object) -> bool:
+        return device in self._records
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._records)
+
+    def __repr__(self) -> str:
+        return f"DeviceRegistry({self.source!r}, {len(self)} devices)"
+
+
+class _TierCheck:
+    """Checks tier names against the configured ones, once per distinct value."""
+
+    def __init__(self, tiers: Collection[str] | None) -> None:
+        self._tiers = frozenset(tiers) if tiers is not None else None
+        self._seen: set[str] = {""}
+
+    def __call__(self, tier: str) -> str | None:
+        if tier in self._seen or self._tiers is None:
+            return None
+        if tier not in self._tiers:
+            return f"unknown tier {tier!r} (known: {', '.join(sorted(self._tiers))})"
+        self._seen.add(tier)
+        return None
+
+
+def _load_csv(file: Any, name: str,
+              check_tier: _TierCheck) -> tuple[dict[str, DeviceRecord], tuple[str, ...]]:
+    reader = csv.reader(file)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise ConfigError(f"registry {name}: empty file (expected a header row "
+                              f"{','.join(CORE_COLUMNS)}[,...])")
+        header = [h.strip() for h in header]
+        if tuple(header[:5]) != CORE_COLUMNS:
+            raise ConfigError(f"registry {name}:{reader.line_num}: expected header "
+                              f"{','.join(CORE_COLUMNS)}[,...], got {','.join(header)}")
+        names = tuple(sys.intern(h) for h in header[5:])
+        if len(set(names)) != len(names) or "" in names:
+            raise ConfigError(f"registry {name}:{reader.line_num}: "
+                              "extra column names must be unique and non-empty")
+        width = len(header)
+        record = _record_type(len(names))
+        padding = ("",) * len(names)
+        records: dict[str, DeviceRecord] = {}
+        intern = sys.intern
+        # Per extra column: value → shared value, or None once the column is high-cardinality.
+        columns: list[dict[str, str] | None] = [{} for _ in names]
+        for row in reader:
+            n = len(row)
+            if n != width:
+                if n == 0:
+                    continue  # blank line
+                if n < 5:
+                    raise ConfigError(f"registry {name}:{reader.line_num}: "
+                                      f"expected 5+ columns, got {n}")
+                if n > width:
+                    raise ConfigError(f"registry {name}:{reader.line_num}: "
+                                      f"expected at most {width} columns, got {n}")
+                row.extend(padding[: width - n])
+            device = row[0]
+            if not device:
+                raise ConfigError(f"registry {name}:{reader.line_num}: empty device id")
+            tier = row[2]
+            problem = check_tier(tier)
+            if problem is not None:
+                raise ConfigError(f"registry {name}:{reader.line_num}: {problem}")
+            for i, table in enumerate(columns):
+                if table is not None:
+                    value = row[5 + i]
+                    known = table.get(value)
+                    if known is not None:
+                        row[5 + i] = known
+                    elif len(table) < _DEDUP_LIMIT:
+                        table[value] = value
+                    else:
+                        columns[i] = None
+            size = len(records)
+            records[device] = record(intern(row[1]), intern(tier), intern(row[3]),
+                                     intern(row[4]), *row[5:])
+            if len(records) == size:
+                raise ConfigError(f"registry {name}:{reader.line_num}: "
+                                  f"duplicate device {device!r}")
+    except csv.Error as err:
+        raise ConfigError(f"registry {name}:{reader.line_num}: {err}") from None
+    return records, names
+
+
+_CORE_TOML = ("tenant", "tier", "device_class", "region")
+
+
+def _load_toml(text: bytes, name: str,
+               check_tier: _TierCheck) -> tuple[dict[str, DeviceRecord], tuple[str, ...]]:
+    try:
+        doc = msgspec.toml.decode(text)
+    except msgspec.DecodeError as err:
+        raise ConfigError(f"registry {name}: {err}") from None
+    unknown = sorted(k for k in doc if k != "devices")
+    if unknown:
+        raise ConfigError(f"registry {name}: unknown key {unknown[0]!r} (expected [devices])")
+    devices = doc.get("devices", {})
+    if not isinstance(devices, dict):
+        raise ConfigError(f"registry {name}: devices: expected a table, "
+                          f"got {_toml_type(devices)}")
+    parsed: list[tuple[str, dict[str, str], dict[str, str]]] = []
+    all_names: set[str] = set()
+    for device, entry in devices.items():
+        place = f"registry {name}: devices.{_toml_key(device)}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{place}: expected a table, got {_toml_type(entry)}")
+        core: dict[str, str] = {}
+        attrs: dict[str, str] = {}
+        for key, value in entry.items():
+            if key in _CORE_TOML:
+                if not isinstance(value, str):
+                    raise ConfigError(f"{place}.{key}: expected string, got {_toml_type(value)}")
+                core[key] = value
+            elif isinstance(value, bool):
+                attrs[key] = "true" if value else "false"
+            elif isinstance(value, str | int | float):
+                attrs[key] = str(value)
+            else:
+                raise ConfigError(f"{place}.{_toml_key(key)}: expected a string, number or "
+                                  f"boolean attribute, got {_toml_type(value)}")
+        problem = check_tier(core.get("tier", ""))
+        if problem is not None:
+            raise ConfigError(f"{place}.tier: {problem}")
+        all_names.update(attrs)
+        parsed.append((device, core, attrs))
+    names = tuple(sys.intern(k) for k in sorted(all_names))
+    record = _record_type(len(names))
+    intern = sys.intern
+    records = {
+        device: record(intern(core.get("tenant", "")), intern(core.get("tier", "")),
+                       intern(core.get("device_class", "")), intern(core.get("region", "")),
+                       *(intern(attrs.get(k, "")) for k in names))
+        for device, core, attrs in parsed
+    }
+    return records, names
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("-", "").replace("_", "").isalnum() else f'"{key}"'
+
+
+def _toml_type(value: object) -> str:
+    return {str: "string", int: "integer", float: "float", bool: "boolean", dict: "table",
+            list: "array"}.get(type(value), type(value).__name__)
