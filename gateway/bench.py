@@ -95,25 +95,32 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _frames(conn_index: int, count: int, qos: int, payload_size: int) -> bytes:
+class Frames(list[bytes]):
+    """One connection's pre-encoded PUBLISH frames."""
+
+    def blob(self) -> bytes:
+        return b"".join(self)
+
+
+def _frames(conn_index: int, count: int, qos: int, payload_size: int) -> Frames:
     pad = "x" * max(0, payload_size - 40)
-    parts = []
+    frames = Frames()
     for k in range(count):
         tier = TIER_MIX[k % len(TIER_MIX)]
         prefix = TIER_TOPICS[tier][1]
         device = f"dev-{conn_index}-{k % 100}"
         payload = f'{{"seq":{k},"t":21.5,"pad":"{pad}"}}'.encode()
         packet_id = (k % 65535) + 1 if qos else None
-        parts.append(encode(Publish(topic=f"{prefix}/{device}/telemetry", payload=payload,
-                                    qos=qos, retain=False, dup=False, packet_id=packet_id,
-                                    properties={}), 4))
-    return b"".join(parts)
+        frames.append(encode(Publish(topic=f"{prefix}/{device}/telemetry", payload=payload,
+                                     qos=qos, retain=False, dup=False, packet_id=packet_id,
+                                     properties={}), 4))
+    return frames
 
 
 class _Client:
     """One load-generating MQTT 3.1.1 connection."""
 
-    def __init__(self, index: int, frames: bytes, expected_acks: int) -> None:
+    def __init__(self, index: int, frames: Frames, expected_acks: int) -> None:
         self.index = index
         self.frames = frames
         self.expected_acks = expected_acks
@@ -123,7 +130,8 @@ class _Client:
         if expected_acks == 0:
             self.acked.set()
 
-    async def run(self, port: int, pace: float | None) -> None:
+    async def run(self, port: int, rate: float | None) -> None:
+        """Send every frame: as fast as the server reads, or ``rate`` messages a second."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(encode(Connect(protocol_level=4, client_id=f"bench-{self.index}",
                                     clean_start=True, keepalive=0, username=None,
@@ -132,13 +140,20 @@ class _Client:
         if connack[3] != 0:
             raise GatewayError(f"bench client refused: CONNACK {connack.hex()}")
         reading = asyncio.create_task(self._read(reader))
-        chunk = 64 * 1024
-        view = memoryview(self.frames)
-        for start in range(0, len(view), chunk):
-            writer.write(view[start:start + chunk])
-            await writer.drain()
-            if pace:
-                await asyncio.sleep(pace)
+        if rate is None:
+            blob, chunk = self.frames.blob(), 64 * 1024
+            view = memoryview(blob)
+            for start in range(0, len(view), chunk):
+                writer.write(view[start:start + chunk])
+                await writer.drain()
+        else:  # every millisecond, whatever the rate says is due by now
+            sent, begin = 0, time.perf_counter()
+            while sent < len(self.frames):
+                due = min(len(self.frames), int((time.perf_counter() - begin) * rate) + 1)
+                if due > sent:
+                    writer.write(b"".join(self.frames[sent:due]))
+                    sent = due
+                await asyncio.sleep(0.001)
         writer.write(encode(Pingreq(), 4))
         await writer.drain()
         await self.pong.wait()
@@ -168,11 +183,11 @@ class _Client:
                 self.acked.set()
 
 
-async def _drive(port: int, frames: list[bytes], counts: list[int], qos: int,
-                 pace: float | None = None) -> float:
-    clients = [_Client(i, f, n if qos else 0) for i, (f, n) in enumerate(zip(frames, counts))]
+async def _drive(port: int, frames: list[Frames], qos: int,
+                 rate_per_client: float | None = None) -> float:
+    clients = [_Client(i, f, len(f) if qos else 0) for i, f in enumerate(frames)]
     start = time.perf_counter()
-    await asyncio.gather(*(c.run(port, pace) for c in clients))
+    await asyncio.gather(*(c.run(port, rate_per_client) for c in clients))
     return time.perf_counter() - start
 
 
@@ -234,8 +249,8 @@ async def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> Non
     raise GatewayError(f"{what} did not listen on port {port}")
 
 
-async def _bench_gateway(workdir: Path, frames: dict[int, list[bytes]], counts: list[int],
-                         paced: tuple[list[bytes], list[int], float]) -> list[RunResult]:
+async def _bench_gateway(workdir: Path, frames: dict[int, list[Frames]],
+                         paced: tuple[list[Frames], float]) -> list[RunResult]:
     config = workdir / "bench.toml"
     config.write_text(BENCH_CONFIG)
     mqtt_port, admin_port = _free_port(), _free_port()
@@ -248,13 +263,13 @@ async def _bench_gateway(workdir: Path, frames: dict[int, list[bytes]], counts: 
     try:
         await _wait_port(admin_port, proc, "the gateway")
         for qos, qos_frames in frames.items():
-            results.append(await _gateway_run(admin, mqtt_port, qos, qos_frames, counts))
+            results.append(await _gateway_run(admin, mqtt_port, qos, qos_frames))
             results[-1].rss_mb = _rss_mb(proc.pid)
-        paced_frames, paced_counts, pace = paced
+        paced_frames, rate_per_client = paced
         before = _histograms(admin)
-        seconds = await _drive(mqtt_port, paced_frames, paced_counts, 0, pace)
+        seconds = await _drive(mqtt_port, paced_frames, 0, rate_per_client)
         await _wait_processed(admin)
-        total = sum(paced_counts)
+        total = sum(map(len, paced_frames))
         results.append(RunResult("iot-gateway (paced)", 0, total, seconds, total / seconds,
                                  _quantiles(before, _histograms(admin)), _rss_mb(proc.pid)))
     finally:
@@ -271,20 +286,18 @@ async def _wait_processed(admin: str) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _gateway_run(admin: str, port: int, qos: int, frames: list[bytes],
-                       counts: list[int]) -> RunResult:
+async def _gateway_run(admin: str, port: int, qos: int, frames: list[Frames]) -> RunResult:
     before = _histograms(admin)
     start = time.perf_counter()
-    await _drive(port, frames, counts, qos)
+    await _drive(port, frames, qos)
     await _wait_processed(admin)
     seconds = time.perf_counter() - start
-    total = sum(counts)
+    total = sum(map(len, frames))
     return RunResult("iot-gateway", qos, total, seconds, total / seconds,
                      _quantiles(before, _histograms(admin)))
 
 
-async def _bench_mosquitto(workdir: Path, frames: dict[int, list[bytes]],
-                           counts: list[int]) -> list[RunResult]:
+async def _bench_mosquitto(workdir: Path, frames: dict[int, list[Frames]]) -> list[RunResult]:
     port = _free_port()
     conf = workdir / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
@@ -295,8 +308,8 @@ async def _bench_mosquitto(workdir: Path, frames: dict[int, list[bytes]],
     try:
         await _wait_port(port, proc, "mosquitto")
         for qos, qos_frames in frames.items():
-            seconds = await _drive(port, qos_frames, counts, qos)
-            total = sum(counts)
+            seconds = await _drive(port, qos_frames, qos)
+            total = sum(map(len, qos_frames))
             results.append(RunResult("mosquitto", qos, total, seconds, total / seconds,
                                      rss_mb=_rss_mb(proc.pid)))
     finally:
@@ -310,24 +323,21 @@ def _mosquitto_available() -> bool:
 
 
 def run_bench(*, messages: int, connections: int, payload_size: int, qos_levels: list[int],
-              with_peer: bool, as_json: bool, paced_rate: int = 20_000) -> None:
+              with_peer: bool, as_json: bool, paced_rate: int) -> None:
     per_conn = [messages // connections + (i < messages % connections)
                 for i in range(connections)]
     frames = {q: [_frames(i, n, q, payload_size) for i, n in enumerate(per_conn)]
               for q in qos_levels}
-    paced_total = min(messages, paced_rate * 5)
-    paced_counts = [paced_total // connections] * connections
-    paced_frames = [_frames(i, n, 0, payload_size) for i, n in enumerate(paced_counts)]
-    frame_len = len(paced_frames[0]) / max(1, paced_counts[0])
-    # Each client writes 64 KiB chunks; sleep between them to hit paced_rate overall.
-    pace = (64 * 1024 / frame_len) / (paced_rate / connections)
+    paced_seconds = 5
+    paced_per_conn = max(1, paced_rate * paced_seconds // connections)
+    paced_frames = [_frames(i, paced_per_conn, 0, payload_size) for i in range(connections)]
 
     async def main() -> list[RunResult]:
         with tempfile.TemporaryDirectory(prefix="iotgw-bench-") as tmp:
-            results = await _bench_gateway(Path(tmp), frames, per_conn,
-                                           (paced_frames, paced_counts, pace))
+            results = await _bench_gateway(Path(tmp), frames,
+                                           (paced_frames, paced_rate / connections))
             if with_peer and _mosquitto_available():
-                results += await _bench_mosquitto(Path(tmp), frames, per_conn)
+                results += await _bench_mosquitto(Path(tmp), frames)
             return results
 
     results = uvloop.run(main())

@@ -9,14 +9,14 @@ plain FIFO, and a lane is a ``deque`` (O(1) in and out, messages of one device s
 
 Between lanes, strict priority tempered by guaranteed shares, served as late as possible.
 Every dispatched message earns each lane with work waiting ``share`` credit; a lane pays one
-credit per message it is served. Keeping every credit at or below one means a tier with work
-always waiting gets at least ``share × n - 1`` of any ``n`` dispatches, so no tier starves.
-Before each batch the dispatcher computes the slack: how many messages can go to the most
-urgent lane before some share would fall due and could no longer be met (the EDF demand
-test over the lanes' future due points). With slack, the most urgent lane takes up to that
-many; without, the lane whose share falls due first is served. A lower tier therefore
-never runs ahead of a higher one except to honour its share. A lane that runs empty
-forfeits its credit: shares are not banked while idle.
+credit per message it is served. Keeping every credit within one batch means a tier with
+work always waiting gets at least ``share × n - batch_size`` of any ``n`` dispatched
+messages, so no tier starves. Before each batch the dispatcher checks the slack: could the
+most urgent lane take this batch and every share still be met later (an EDF demand test over
+the lanes' future due points, counted in batches)? If so it does; if not, the lane whose
+share falls due first is served. A lower tier therefore never runs ahead of a higher one
+except to honour its share. A lane that runs empty forfeits its credit: shares are not
+banked while idle.
 
 Ingest appends to lanes and calls ``kick()``; one drain is scheduled per loop turn at most
 (no task, future or lock per message). A drain hands at most ``slots`` batches to the
@@ -37,8 +37,10 @@ from gateway.envelope import Envelope
 
 # Rounding allowance: ten shares of 0.1 add up to 0.999…, not 1.
 EPSILON = 1e-9
-# How far ahead the share test looks beyond one batch when the shares add up to (nearly) 1.
-MAX_LOOKAHEAD = 4096
+# Shares adding up to within this of 1 leave no spare capacity to bound the horizon with.
+SHARE_SLACK = 1e-3
+# How many batches ahead the share test looks when the shares add up to (nearly) 1.
+MAX_LOOKAHEAD_BATCHES = 256
 
 
 class Lane:
@@ -104,58 +106,53 @@ class Dispatcher:
         waiting = [lane for lane in self.lanes if lane.items]
         if not waiting:
             return None
-        slack, due_first = (self._slack(waiting) if len(waiting) > 1
-                             else (self.batch_size, None))
-        if slack >= 1:
-            chosen, n = waiting[0], slack
-        else:
-            assert due_first is not None
-            chosen, n = due_first, max(1, int(due_first.credit + due_first.share + EPSILON))
+        chosen = waiting[0]
+        if len(waiting) > 1:
+            chosen = self._share_due(waiting) or chosen
         items = chosen.items
-        n = min(n, self.batch_size, len(items))
+        n = min(self.batch_size, len(items))
         batch = [items.popleft() for _ in range(n)]
         for lane in waiting:
             lane.credit += lane.share * n
         chosen.credit -= n
-        for lane in self.lanes:
+        for lane in waiting:
             if not lane.items:
                 lane.credit = 0.0
         self.queued -= n
         return chosen, batch
 
-    def _slack(self, waiting: list[Lane]) -> tuple[int, Lane | None]:
-        """Messages the most urgent lane may take now, and the lane whose share falls due first.
+    def _share_due(self, waiting: list[Lane]) -> Lane | None:
+        """The lane whose guaranteed share must be served now, or None if there is slack.
 
-        Lane i must have been served ``ceil(credit_i + share_i × k - 1)`` more times within
-        the next k dispatches. Walking the due points in order, the slack is the smallest
-        ``k - demand(k)``. Demand grows by at most ``sum(shares) < 1`` per dispatch, so past
-        the horizon below no due point can lower the slack any more.
+        Time is counted in batches. Lane i must have been served ``ceil(credit_i / batch +
+        share_i × k - 1)`` more batches within the next k. Walking the lanes' due points in
+        order (EDF), if the demand up to some point leaves no batch to spare, the lane that
+        falls due first is served now; otherwise the most urgent lane is. Demand grows by
+        ``sum(shares) < 1`` batch per batch, so past the horizon nothing can fall short.
         """
+        unit = float(self.batch_size)
         sharing = [lane for lane in waiting if lane.share > 0.0]
+        if not sharing:
+            return None
         total = sum(lane.share for lane in sharing)
-        backlog = sum(max(lane.credit, 0.0) for lane in sharing) + len(sharing) + 1
-        horizon = self.batch_size + (int(backlog / (1.0 - total)) + 1 if total < 0.999
-                                     else MAX_LOOKAHEAD)
-        horizon = min(horizon, self.batch_size + MAX_LOOKAHEAD)
+        owed = sum(max(lane.credit, 0.0) for lane in sharing) / unit + len(sharing) + 1
+        horizon = (int(owed / (1.0 - total)) + 2 if total < 1.0 - SHARE_SLACK
+                   else MAX_LOOKAHEAD_BATCHES)
         points: list[tuple[int, int, Lane]] = []
         for lane in sharing:
-            share = lane.share
-            # The j-th unit falls due at the first k with credit + share*k - 1 > j.
+            credit, share = lane.credit / unit, lane.share
             j = 0
-            while True:
-                k = max(1, int((j + 1.0 - lane.credit) / share + EPSILON) + 1)
+            while True:  # the j-th batch falls due at the first k with credit+share*k-1 > j
+                k = max(1, int((j + 1.0 - credit) / share + EPSILON) + 1)
                 if k > horizon:
                     break
                 points.append((k, lane.index, lane))
                 j += 1
-        if not points:
-            return self.batch_size, None
-        points.sort(key=lambda p: (p[0], p[1]))
-        slack, demand = self.batch_size, 0
-        for k, _, _lane in points:
-            demand += 1
-            slack = min(slack, k - demand)
-        return slack, points[0][2]
+        points.sort(key=lambda point: (point[0], point[1]))
+        for demand, (k, _, _) in enumerate(points, start=1):
+            if k - demand < 1:  # no batch to spare for priority
+                return points[0][2]
+        return None
 
     def _drain(self) -> None:
         self._scheduled = False

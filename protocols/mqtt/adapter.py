@@ -76,7 +76,8 @@ class MQTTServerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         received_ns = time.monotonic_ns()
         conn = self.conn
-        events = conn.receive_data(data, received_ns / 1e9)
+        now = received_ns / 1e9
+        events = conn.receive_data(data, now)
         batch: list[Publish] | None = None
         hooks = self.hooks
         for event in events:
@@ -91,6 +92,8 @@ class MQTTServerProtocol(asyncio.Protocol):
                 batch = None
             if type(event) is ConnectRequest:
                 hooks.on_connect(self, event)
+                if not conn.closed:  # the codec holds what followed CONNECT until accepted
+                    events += conn.receive_data(b"", now)
             elif type(event) is SubscribeRequest:
                 hooks.on_subscribe(self, event)
             elif type(event) is UnsubscribeRequest:

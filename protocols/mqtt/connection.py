@@ -32,12 +32,13 @@ PUBLISH whose packet identifier is still in flight is not delivered again, which
 QoS 2 exactly-once. In-flight messages count against the receive maximum we advertised
 (MQTT 5 only): a client exceeding it is disconnected with 0x93.
 
-The hot path: a PUBLISH of QoS 0 or 1 without flags, properties or a multi-byte length is
-parsed inline in `_parse`, with no per-packet function calls beyond building the
-`Publish`; topic names are validated once per connection and then looked up by their raw
-bytes. Everything else goes through the generic decoder and the transition table; the
-inline path is a copy of the (CONNECTED, PUBLISH) transition for those packets and falls
-back to it whenever anything is unusual.
+The hot path: a PUBLISH of QoS 0 or 1 without DUP, RETAIN or properties, and under 16 KiB,
+is parsed inline in `_parse` with no per-packet function call beyond building the `Publish`;
+topic names are validated once per connection and then looked up by their raw bytes. The
+buffer is only joined once per read, and parsed by offset, never copied per packet.
+Everything else goes through the generic decoder and the transition table; the inline path
+is a copy of the (CONNECTED, PUBLISH) transition for those packets, and falls back to it
+whenever anything is unusual.
 """
 
 import secrets

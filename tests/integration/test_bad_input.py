@@ -194,3 +194,10 @@ def test_malformed_payload_is_not_a_protocol_error(gateway: RunningGateway) -> N
     assert client.sock.recv(2) == b"\xd0\x00"  # still connected
     assert 'iotgw_payload_decode_errors_total{tier="standard"} 1.0' in gateway.metrics()
     assert "iotgw_protocol_errors_total{" not in gateway.metrics()
+
+
+def test_publish_in_the_same_write_as_connect_is_processed(gateway: RunningGateway) -> None:
+    client = Raw(gateway.mqtt_port)
+    client.send(connect_packet(4, "eager") + publish_packet(b"eager/t", b'{"n": 1}'))
+    assert client.sock.recv(4)[:1] == b"\x20"
+    gateway.wait_processed(1)
