@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from gateway import __version__
-from gateway.config import load_config
+from gateway.config import Config, load_config
 from gateway.errors import ConfigError, GatewayError
 
 def _setup_logging(level: str) -> None:
@@ -22,6 +22,13 @@ def _setup_logging(level: str) -> None:
 
 class _ConfigClickException(click.ClickException):
     exit_code = 2
+
+
+def _load_or_exit(path: Path | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        raise _ConfigClickException(f"invalid configuration: {err}") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,17 +55,15 @@ def serve(config_path: Path | None, mqtt_listen: str | None, admin_listen: str |
 
     from gateway.app import Gateway
 
-    try:
-        config = load_config(config_path)
-    except ConfigError as err:
-        raise _ConfigClickException(f"invalid configuration: {err}") from None
+    config = _load_or_exit(config_path)
     _setup_logging(log_level or config.gateway.log_level)
     try:
         gateway = Gateway(config, mqtt_listen=mqtt_listen, admin_listen=admin_listen,
                           shutdown_timeout=shutdown_timeout)
         uvloop.run(gateway.run())
     except ConfigError as err:
-        raise _ConfigClickException(f"invalid configuration: {err}") from None
+        where = config_path or "built-in config"
+        raise _ConfigClickException(f"invalid configuration: {where}: {err}") from None
     except GatewayError as err:
         raise click.ClickException(str(err)) from None
 
@@ -69,11 +74,11 @@ def check_config(path: Path) -> None:
     """Validate a config file: exit 0 if it is valid, 2 with the errors if not."""
     from gateway.pipeline import validate_pipelines
 
+    config = _load_or_exit(path)
     try:
-        config = load_config(path)
         validate_pipelines(config)
     except ConfigError as err:
-        raise _ConfigClickException(str(err)) from None
+        raise _ConfigClickException(f"{path}: {err}") from None
     click.echo(f"{path}: ok ({len(config.tiers)} tiers, {len(config.pipelines)} pipelines, "
                f"{len(config.sinks)} sinks)")
 

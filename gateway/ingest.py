@@ -123,6 +123,8 @@ class MQTTIngest:
 
     def set_backpressure(self, paused: bool) -> None:
         self.metrics.reading_paused.set(1 if paused else 0)
+        if paused:
+            self.metrics.ingest_pauses.inc()
         for client in self.clients:
             client.pause_for_backpressure(paused)
 

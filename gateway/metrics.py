@@ -120,6 +120,9 @@ class Metrics:
             "iotgw_connections", "Open client connections", ["protocol"], registry=r)
         self.queue_depth = Gauge(
             "iotgw_queue_depth", "Messages waiting in each dispatcher lane", ["lane"], registry=r)
+        self.ingest_pauses = Counter(
+            "iotgw_ingest_pauses", "Times reading from clients paused for back-pressure",
+            registry=r)
         self.reading_paused = Gauge(
             "iotgw_ingest_paused", "1 while reading is paused for back-pressure", registry=r)
         self.processing_latency = LatencyHistogram(

@@ -1,0 +1,113 @@
+"""The ``iot-gateway`` command as operators run it: a real process, real signals, real peers."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+CLI = [sys.executable, "-m", "gateway.cli"]
+LISTENING = re.compile(r"MQTT on [\d.]+:(\d+), admin on http://[\d.]+:(\d+)")
+
+
+def start_serve(cwd: Path, *args: str) -> tuple[subprocess.Popen[str], int, int]:
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--mqtt-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *args],
+        cwd=cwd, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if m := LISTENING.search(line):
+            # Keep draining its log so that the process never blocks on a full pipe.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, int(m[1]), int(m[2])
+    proc.kill()
+    raise AssertionError(f"serve did not report its listeners (exit {proc.wait()})")
+
+
+def stop(proc: subprocess.Popen[str]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=20)
+    assert proc.stderr is not None
+    proc.stderr.close()
+    return code
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto-clients missing")
+def test_serve_answers_mosquitto_pub_and_drains_on_sigterm(tmp_path: Path) -> None:
+    proc, mqtt_port, _ = start_serve(tmp_path)
+    try:
+        for qos in (0, 1, 2):
+            subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(mqtt_port),
+                            "-i", "valve-9", "-q", str(qos), "-t", "safety/valve-9",
+                            "-m", json.dumps({"qos": qos})], check=True, timeout=10)
+    finally:
+        assert stop(proc) == 0
+    lines = [json.loads(line) for p in (tmp_path / "data" / "lake").rglob("*.jsonl")
+             for line in p.read_text().splitlines()]
+    assert sorted(r["payload"]["qos"] for r in lines) == [0, 1, 2]
+    assert {r["tier"] for r in lines} == {"critical"}
+
+
+def test_serve_refuses_clearly_when_the_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([*CLI, "serve", "--mqtt-listen", f"127.0.0.1:{port}",
+                                 "--admin-listen", "127.0.0.1:0"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert f"cannot listen for MQTT on 127.0.0.1:{port}: address already in use" in result.stderr
+    assert "--mqtt-listen" in result.stderr
+
+
+def test_check_config_accepts_the_default_config() -> None:
+    default = Path(__file__).parents[2] / "config" / "gateway.toml"
+    result = subprocess.run([*CLI, "check-config", str(default)], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ('[[tiers]]\nname = "a"\nmax_latency_ms = 0\n', "tiers[0].max_latency_ms: expected"),
+    ('[[tiers]]\nname = "standard"\nmax_latency_ms = 5\n[mqtt]\nlisten = 1883\n',
+     "mqtt.listen: expected `str`"),
+    ('[[tiers]]\nname = "standard"\nmax_latency_ms = 5\n[[pipelines]]\nname = "p"\n'
+     'stages = [{ type = "nope" }]\n', "pipelines[0].stages[0].type: unknown stage 'nope'"),
+    ('[[tiers]]\nname = "standard"\nmax_latency_ms = 5\nsurprise = 1\n',
+     "unknown field `surprise`"),
+    ("this is not toml", "line 1"),
+])
+def test_check_config_names_the_place_of_each_error(tmp_path: Path, toml: str,
+                                                    message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    result = subprocess.run([*CLI, "check-config", str(path)], capture_output=True, text=True,
+                            timeout=20)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert str(path) in result.stderr
+
+
+def test_serve_with_an_invalid_config_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[[tiers]]\nname = "a"\nmax_latency_ms = -1\n')
+    result = subprocess.run([*CLI, "serve", "--config", str(path)], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 2
+    assert "tiers[0].max_latency_ms" in result.stderr
+    missing = subprocess.run([*CLI, "serve", "--config", str(tmp_path / "none.toml")],
+                             capture_output=True, text=True, timeout=20)
+    assert missing.returncode == 2
+    assert "cannot read" in missing.stderr
