@@ -136,16 +136,19 @@ def tiny_queue(gateway_factory: Callable[..., RunningGateway]) -> RunningGateway
 
 def test_a_flood_pauses_reading_instead_of_queueing_without_bound(
         tiny_queue: RunningGateway, sockets: list[socket.socket]) -> None:
-    frames = b"".join(publish_bytes(f"flood/{i % 50}", b'{"v": %d}' % i) for i in range(30_000))
+    total = 100_000
+    frames = b"".join(publish_bytes(f"flood/{i % 50}", b'{"v": %6d}' % i) for i in range(total))
+    frame_len = len(frames) // total
     peak = 0
     s = open_socket(tiny_queue.mqtt_port, sockets)
     s.sendall(connect_bytes("flooder", 60))
     assert s.recv(4)[:1] == b"\x20"
     s.sendall(frames)
-    while tiny_queue.stats()["processed"] < 30_000:
+    while tiny_queue.stats()["processed"] < total:
         peak = max(peak, tiny_queue.stats()["queued"])
         time.sleep(0.005)
-    assert peak <= 2000 + 2 * 64 * 1024 // 16  # the limit plus at most one read in flight
+    # The limit, plus at most what one read (uvloop reads up to 256 KiB) carried past it.
+    assert peak <= 2000 + 256 * 1024 // frame_len, peak
     metrics = tiny_queue.metrics()
     assert "iotgw_ingest_pauses_total" in metrics
     assert "iotgw_ingest_pauses_total 0.0" not in metrics
