@@ -23,7 +23,6 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families

@@ -12,6 +12,7 @@ from gateway import __version__
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError, GatewayError
 
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level,

@@ -35,14 +35,14 @@ def split_host_port(value: str, default_host: str = "0.0.0.0") -> tuple[str, int
     return host, int(m["port"])
 
 
-class GatewaySection(_Base):
+class GatewaySection(_Base, frozen=True):
     node_id: Name = "gw-1"
     region: Name = "local"
     state_dir: str = "./data/state"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-class MQTTListener(_Base):
+class MQTTListener(_Base, frozen=True):
     listen: str = "0.0.0.0:1883"
     max_packet_size: Annotated[int, Meta(ge=64, le=268_435_455)] = 1_048_576
     receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 1024
@@ -59,14 +59,14 @@ class MQTTListener(_Base):
         split_host_port(self.listen)
 
 
-class AdminSection(_Base):
+class AdminSection(_Base, frozen=True):
     listen: str = "127.0.0.1:9883"
 
     def __post_init__(self) -> None:
         split_host_port(self.listen)
 
 
-class Tier(_Base):
+class Tier(_Base, frozen=True):
     name: Name
     max_latency_ms: Annotated[float, Meta(gt=0)]
     guaranteed_share: Share = 0.0
@@ -75,7 +75,7 @@ class Tier(_Base):
     """QoS 0 messages of this tier may be shed when the gateway is past its limits."""
 
 
-class DispatchSection(_Base):
+class DispatchSection(_Base, frozen=True):
     batch_size: Annotated[int, Meta(ge=1, le=65536)] = 512
     """Messages handed to one processing slot at a time."""
     slots: Annotated[int, Meta(ge=1, le=4096)] = 4
@@ -90,7 +90,7 @@ class DispatchSection(_Base):
             raise ValueError("resume_queued must be below max_queued")
 
 
-class Match(_Base):
+class Match(_Base, frozen=True):
     """All given conditions must hold. Strings are shell globs; ``topic`` is an MQTT filter."""
 
     device: str | None = None
@@ -100,7 +100,7 @@ class Match(_Base):
     tenant: str | None = None
 
 
-class Rule(_Base):
+class Rule(_Base, frozen=True):
     match: Match
     tenant: str | None = None
     tier: str | None = None
@@ -108,7 +108,7 @@ class Rule(_Base):
     region: str | None = None
 
 
-class ClassifySection(_Base):
+class ClassifySection(_Base, frozen=True):
     device_id: Literal["client_id", "topic"] = "client_id"
     """Where the device id comes from: the MQTT client id, or a topic level."""
     device_topic_level: NonNegInt = 1
@@ -120,19 +120,19 @@ class ClassifySection(_Base):
     rules: list[Rule] = []
 
 
-class FieldSpec(_Base):
+class FieldSpec(_Base, frozen=True):
     type: Literal["number", "integer", "string", "boolean", "object", "array"] = "number"
     required: bool = False
     min: float | None = None
     max: float | None = None
 
 
-class Schema(_Base):
+class Schema(_Base, frozen=True):
     fields: dict[str, FieldSpec] = {}
     allow_extra: bool = True
 
 
-class Pipeline(_Base):
+class Pipeline(_Base, frozen=True):
     name: Name
     stages: list[dict[str, Any]]
     """Each stage is a table with ``type`` (a registered stage name) and its options."""
@@ -140,12 +140,12 @@ class Pipeline(_Base):
     """Tiers this pipeline serves; the first pipeline without ``tiers`` serves the rest."""
 
 
-class Sink(_Base):
+class Sink(_Base, frozen=True):
     type: str
     options: dict[str, Any] = {}
 
 
-class Config(_Base):
+class Config(_Base, frozen=True):
     gateway: GatewaySection = GatewaySection()
     mqtt: MQTTListener = MQTTListener()
     admin: AdminSection = AdminSection()

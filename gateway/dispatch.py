@@ -34,7 +34,6 @@ from collections.abc import Callable
 from gateway.config import DispatchSection, Tier
 from gateway.envelope import Envelope
 
-
 # Rounding allowance: ten shares of 0.1 add up to 0.999…, not 1.
 EPSILON = 1e-9
 # Shares adding up to within this of 1 leave no spare capacity to bound the horizon with.
