@@ -11,11 +11,13 @@ connection by topic: the steady state costs one dict lookup per message.
 
 from __future__ import annotations
 
+import re
 from fnmatch import fnmatchcase
 from typing import NamedTuple
 
 from gateway.config import ClassifySection, Match, Rule
 from gateway.registry import DeviceRegistry
+from protocols.mqtt.topics import compile_topic_filter
 
 
 class Classification(NamedTuple):
@@ -26,32 +28,18 @@ class Classification(NamedTuple):
     region: str
 
 
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT filter matching with ``+`` and ``#``; ``$``-topics never match a leading wildcard."""
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    f_levels = topic_filter.split("/")
-    t_levels = topic.split("/")
-    for i, level in enumerate(f_levels):
-        if level == "#":
-            return True
-        if i >= len(t_levels) or (level != "+" and level != t_levels[i]):
-            return False
-    return len(f_levels) == len(t_levels)
-
-
 def _glob(pattern: str | None, value: str | None) -> bool:
     return pattern is None or (value is not None and fnmatchcase(value, pattern))
 
 
-def _matches(m: Match, device: str, client_id: str, username: str | None, topic: str,
-             tenant: str) -> bool:
+def _matches(m: Match, topic_filter: re.Pattern[str] | None, device: str, client_id: str,
+             username: str | None, topic: str, tenant: str) -> bool:
     return (
         _glob(m.device, device)
         and _glob(m.client_id, client_id)
         and _glob(m.username, username)
         and _glob(m.tenant, tenant)
-        and (m.topic is None or topic_matches(m.topic, topic))
+        and (topic_filter is None or topic_filter.match(topic) is not None)
     )
 
 
@@ -62,7 +50,10 @@ class Classifier:
         self.tiers = frozenset(tiers)
         self.registry = registry
         self.region = region
-        self.rules: list[Rule] = list(section.rules)
+        self.rules: list[tuple[Rule, re.Pattern[str] | None]] = [
+            (rule, compile_topic_filter(rule.match.topic) if rule.match.topic else None)
+            for rule in section.rules
+        ]
 
     def device_of(self, client_id: str, topic: str) -> str:
         if self.section.device_id == "topic":
@@ -82,8 +73,8 @@ class Classifier:
             tier = info.tier or tier
             device_class = info.device_class or device_class
             region = info.region or region
-        for rule in self.rules:
-            if _matches(rule.match, device, client_id, username, topic, tenant):
+        for rule, topic_filter in self.rules:
+            if _matches(rule.match, topic_filter, device, client_id, username, topic, tenant):
                 tenant = rule.tenant or tenant
                 tier = rule.tier or tier
                 device_class = rule.device_class or device_class

@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from gateway.errors import ConfigError
+from protocols.mqtt.topics import compile_topic_filter
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -98,6 +99,10 @@ class Match(_Base, frozen=True):
     client_id: str | None = None
     topic: str | None = None
     tenant: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.topic is not None:
+            compile_topic_filter(self.topic)  # raises ValueError naming what is wrong
 
 
 class Rule(_Base, frozen=True):

@@ -28,6 +28,7 @@ from msgspec import Meta
 from gateway.config import FieldSpec, Schema
 from gateway.envelope import Envelope
 from gateway.errors import ConfigError
+from protocols.mqtt.topics import compile_topic_filter
 
 if TYPE_CHECKING:
     from gateway.pipeline import StageContext, StageFactory
@@ -498,29 +499,6 @@ class AggregateStage:
 # route
 
 
-def topic_filter(pattern: str) -> re.Pattern[str]:
-    """An MQTT topic filter (``+`` one level, ``#`` the rest) as a compiled regex."""
-    if not pattern:
-        raise ValueError("invalid topic filter '': empty")
-    levels = pattern.split("/")
-    parts: list[str] = []
-    for i, level in enumerate(levels):
-        if level == "#":
-            if i != len(levels) - 1:
-                raise ValueError(f"invalid topic filter {pattern!r}: '#' must be last")
-            if not parts:  # wildcards at the first level do not match "$SYS/..." topics
-                return re.compile(r"(?!\$).*\Z", re.DOTALL)
-            return re.compile("/".join(parts) + r"(?:/.*)?\Z", re.DOTALL)  # "a/#" matches "a"
-        if level == "+":
-            parts.append("[^/]*" if i else r"(?!\$)[^/]*")
-        elif "+" in level or "#" in level:
-            raise ValueError(f"invalid topic filter {pattern!r}: a wildcard must be a whole "
-                             "level")
-        else:
-            parts.append(re.escape(level))
-    return re.compile("/".join(parts) + r"\Z", re.DOTALL)
-
-
 class RouteMatch(_Options):
     """All given conditions must hold; ``topic`` is an MQTT topic filter, the rest exact."""
 
@@ -532,7 +510,7 @@ class RouteMatch(_Options):
 
     def __post_init__(self) -> None:
         if self.topic is not None:
-            topic_filter(self.topic)
+            compile_topic_filter(self.topic)
 
 
 class RouteRule(_Options):
@@ -576,7 +554,7 @@ class RouteStage:
                                   f"unknown tier {m.tier!r} (known: {', '.join(tiers)})")
             topic = -1
             if m.topic is not None:
-                filters.append(topic_filter(m.topic))
+                filters.append(compile_topic_filter(m.topic))
                 topic = len(filters) - 1
             rules.append((m.tier, m.device_class, m.tenant, m.region, topic,
                           checked(f"rules[{i}].sinks", rule.sinks)))
@@ -634,4 +612,4 @@ BUILTIN_STAGES: dict[str, StageFactory] = {
 """Name → stage factory (the class: ``Options`` and a constructor taking (options, context))."""
 
 __all__ = ["BUILTIN_STAGES", "CONVERSIONS", "AggregateStage", "DecodeStage", "EnrichStage",
-           "OptionError", "RouteStage", "TransformStage", "ValidateStage", "topic_filter"]
+           "OptionError", "RouteStage", "TransformStage", "ValidateStage"]

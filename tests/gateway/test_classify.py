@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-
-from gateway.classify import Classifier, topic_matches
+from gateway.classify import Classifier
 from gateway.config import ClassifySection, Match, Rule
 from gateway.registry import DeviceInfo, DeviceRegistry
 
 TIERS = ["critical", "premium", "standard", "bulk"]
-
-
-@pytest.mark.parametrize(("topic_filter", "topic", "expected"), [
-    ("a/b", "a/b", True),
-    ("a/+", "a/b", True),
-    ("a/+", "a/b/c", False),
-    ("a/#", "a", True),  # '#' also matches the parent level
-    ("a/#", "a/b/c", True),
-    ("#", "a/b", True),
-    ("+/b", "a/b", True),
-    ("a/+/c", "a//c", True),
-    ("#", "$SYS/uptime", False),  # $-topics never match a leading wildcard
-    ("+/uptime", "$SYS/uptime", False),
-    ("$SYS/#", "$SYS/uptime", True),
-    ("a/b", "a/b/c", False),
-])
-def test_topic_filters(topic_filter: str, topic: str, expected: bool) -> None:
-    assert topic_matches(topic_filter, topic) is expected
 
 
 def classifier(rules: list[Rule] | None = None, registry: DeviceRegistry | None = None,

@@ -17,7 +17,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Stage, StageContext, build_stage
 from gateway.registry import DeviceInfo, DeviceRegistry
 from gateway.sinks import NullOptions, NullSink
-from gateway.stages import AggregateStage, topic_filter
+from gateway.stages import AggregateStage
 
 BASE = """
 [[tiers]]
@@ -445,13 +445,4 @@ def test_route_option_errors(table: dict[str, Any], error: str) -> None:
 def test_route_with_no_sinks_configured_says_so() -> None:
     with pytest.raises(ConfigError, match=r"unknown sink 'lake' \(known: none\)"):
         stage({"type": "route"}, make_context(sinks=()))
-
-
-@pytest.mark.parametrize(("pattern", "topic", "matches"), [
-    ("#", "a/b", True), ("#", "$SYS/x", False), ("a/#", "a", True), ("a/#", "a/b/c", True),
-    ("a/#", "ab", False), ("+/b", "a/b", True), ("+/b", "$x/b", False), ("a/+/c", "a//c", True),
-    ("a/+", "a/b/c", False), ("a.b", "aXb", False), ("a/b", "a/b", True),
-])
-def test_topic_filters(pattern: str, topic: str, matches: bool) -> None:
-    assert bool(topic_filter(pattern).match(topic)) is matches
 
