@@ -69,12 +69,20 @@ tier = "premium"
 [[classify.rules]]
 match = { topic = "bulk/#" }
 tier = "bulk"
-[[pipelines]]
-name = "bench"
-stages = [{ type = "route", sinks = ["null"] }]
 [sinks.null]
 type = "null"
+[sinks.lake]
+type = "jsonl"
+options = { dir = "lake" }
 """
+
+PIPELINES = {
+    # parse → classify → dispatch → null sink: the gateway's own overhead
+    "null": '[[pipelines]]\nname = "bench"\nstages = [{ type = "route", sinks = ["null"] }]\n',
+    # the built-in pipeline's work: JSON decode, validate, enrich, JSON-lines data lake
+    "full": '[[pipelines]]\nname = "bench"\nstages = [{ type = "decode" }, '
+            '{ type = "validate" }, { type = "enrich" }, { type = "route", sinks = ["lake"] }]\n',
+}
 
 
 @dataclass
@@ -249,9 +257,10 @@ async def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> Non
 
 
 async def _bench_gateway(workdir: Path, frames: dict[int, list[Frames]],
-                         paced: tuple[list[Frames], float]) -> list[RunResult]:
+                         paced: tuple[list[Frames], float], pipeline: str) -> list[RunResult]:
     config = workdir / "bench.toml"
-    config.write_text(BENCH_CONFIG)
+    config.write_text(BENCH_CONFIG + PIPELINES[pipeline])
+    label = "iot-gateway" if pipeline == "null" else f"iot-gateway ({pipeline})"
     mqtt_port, admin_port = _free_port(), _free_port()
     admin = f"http://127.0.0.1:{admin_port}"
     proc = subprocess.Popen(
@@ -262,14 +271,14 @@ async def _bench_gateway(workdir: Path, frames: dict[int, list[Frames]],
     try:
         await _wait_port(admin_port, proc, "the gateway")
         for qos, qos_frames in frames.items():
-            results.append(await _gateway_run(admin, mqtt_port, qos, qos_frames))
+            results.append(await _gateway_run(admin, mqtt_port, qos, qos_frames, label))
             results[-1].rss_mb = _rss_mb(proc.pid)
         paced_frames, rate_per_client = paced
         before = _histograms(admin)
         seconds = await _drive(mqtt_port, paced_frames, 0, rate_per_client)
         await _wait_processed(admin)
         total = sum(map(len, paced_frames))
-        results.append(RunResult("iot-gateway (paced)", 0, total, seconds, total / seconds,
+        results.append(RunResult(f"{label}, paced", 0, total, seconds, total / seconds,
                                  _quantiles(before, _histograms(admin)), _rss_mb(proc.pid)))
     finally:
         proc.terminate()
@@ -285,14 +294,15 @@ async def _wait_processed(admin: str) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _gateway_run(admin: str, port: int, qos: int, frames: list[Frames]) -> RunResult:
+async def _gateway_run(admin: str, port: int, qos: int, frames: list[Frames],
+                       label: str) -> RunResult:
     before = _histograms(admin)
     start = time.perf_counter()
     await _drive(port, frames, qos)
     await _wait_processed(admin)
     seconds = time.perf_counter() - start
     total = sum(map(len, frames))
-    return RunResult("iot-gateway", qos, total, seconds, total / seconds,
+    return RunResult(label, qos, total, seconds, total / seconds,
                      _quantiles(before, _histograms(admin)))
 
 
@@ -322,7 +332,7 @@ def _mosquitto_available() -> bool:
 
 
 def run_bench(*, messages: int, connections: int, payload_size: int, qos_levels: list[int],
-              with_peer: bool, as_json: bool, paced_rate: int) -> None:
+              with_peer: bool, as_json: bool, paced_rate: int, pipeline: str = "null") -> None:
     per_conn = [messages // connections + (i < messages % connections)
                 for i in range(connections)]
     frames = {q: [_frames(i, n, q, payload_size) for i, n in enumerate(per_conn)]
@@ -334,7 +344,7 @@ def run_bench(*, messages: int, connections: int, payload_size: int, qos_levels:
     async def main() -> list[RunResult]:
         with tempfile.TemporaryDirectory(prefix="iotgw-bench-") as tmp:
             results = await _bench_gateway(Path(tmp), frames,
-                                           (paced_frames, paced_rate / connections))
+                                           (paced_frames, paced_rate / connections), pipeline)
             if with_peer and _mosquitto_available():
                 results += await _bench_mosquitto(Path(tmp), frames)
             return results
@@ -349,14 +359,15 @@ def run_bench(*, messages: int, connections: int, payload_size: int, qos_levels:
 def _print(results: list[RunResult], messages: int, connections: int, payload_size: int) -> None:
     print(f"iot-gateway bench: {messages} messages per QoS level, {connections} connections, "
           f"{payload_size}-byte payloads, {os.cpu_count()} CPUs")
-    print(f"{'server':<22}{'qos':>4}{'msg/s':>12}{'seconds':>9}{'peak RSS MB':>13}")
+    print(f"{'server':<28}{'qos':>4}{'msg/s':>12}{'seconds':>9}{'peak RSS MB':>13}")
     for r in results:
         rss = f"{r.rss_mb:.0f}" if r.rss_mb is not None else "-"
-        print(f"{r.server:<22}{r.qos:>4}{r.rate:>12,.0f}{r.seconds:>9.2f}{rss:>13}")
+        print(f"{r.server:<28}{r.qos:>4}{r.rate:>12,.0f}{r.seconds:>9.2f}{rss:>13}")
     peers = {r.qos: r for r in results if r.server == "mosquitto"}
     for r in results:
-        if r.server == "iot-gateway" and r.qos in peers:
-            print(f"ratio iot-gateway / mosquitto, QoS {r.qos}: {r.rate / peers[r.qos].rate:.2f}")
+        if r.server.startswith("iot-gateway") and "paced" not in r.server and r.qos in peers:
+            print(f"ratio {r.server} / mosquitto, QoS {r.qos}: "
+                  f"{r.rate / peers[r.qos].rate:.2f}")
     for r in results:
         if r.latency_ms:
             print(f"latency, {r.server} QoS {r.qos} at {r.rate:,.0f} msg/s "

@@ -95,9 +95,13 @@ def check_config(path: Path) -> None:
               help="Also measure mosquitto (when on PATH) in the same run.")
 @click.option("--paced-rate", type=int, default=50_000, show_default=True,
               help="Messages/s of the paced run that measures latency below saturation.")
+@click.option("--pipeline", type=click.Choice(["null", "full"]), default="null",
+              show_default=True,
+              help="null: route straight to a null sink; full: decode, validate, enrich and "
+                   "write the JSON-lines data lake.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench(messages: int, connections: int, payload_size: int, qos_levels: str, peer: bool,
-          paced_rate: int, as_json: bool) -> None:
+          paced_rate: int, pipeline: str, as_json: bool) -> None:
     """Measure ingest → classify → dispatch → null sink throughput and latency."""
     from gateway.bench import run_bench
 
@@ -106,7 +110,8 @@ def bench(messages: int, connections: int, payload_size: int, qos_levels: str, p
         raise click.UsageError("--qos takes levels 0, 1 and 2")
     try:
         run_bench(messages=messages, connections=connections, payload_size=payload_size,
-                  qos_levels=levels, with_peer=peer, as_json=as_json, paced_rate=paced_rate)
+                  qos_levels=levels, with_peer=peer, as_json=as_json, paced_rate=paced_rate,
+                  pipeline=pipeline)
     except GatewayError as err:
         raise click.ClickException(str(err)) from None
 
