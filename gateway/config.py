@@ -81,6 +81,9 @@ class DispatchSection(_Base, frozen=True):
     """Messages handed to one processing slot at a time."""
     slots: Annotated[int, Meta(ge=1, le=4096)] = 4
     """Batches in processing at once (they overlap only while sinks wait on I/O)."""
+    shed_above: PositiveInt = 150_000
+    """Above this many queued messages QoS 0 messages are shed, lowest tier first, more tiers
+    as the backlog nears ``max_queued`` (never tiers with ``shed_qos0 = false``)."""
     max_queued: PositiveInt = 200_000
     """Above this many queued messages, reading from clients pauses (back-pressure)."""
     resume_queued: PositiveInt = 100_000
@@ -89,6 +92,38 @@ class DispatchSection(_Base, frozen=True):
     def __post_init__(self) -> None:
         if self.resume_queued >= self.max_queued:
             raise ValueError("resume_queued must be below max_queued")
+        if self.shed_above > self.max_queued:
+            raise ValueError("shed_above must not exceed max_queued")
+
+
+class WALSection(_Base, frozen=True):
+    """The write-ahead log of acknowledged messages (under ``gateway.state_dir``/wal)."""
+
+    enabled: bool = True
+    fsync: bool = True
+    """fsync each group commit; off only for tests and benchmarks that measure without it."""
+    segment_bytes: Annotated[int, Meta(ge=4096)] = 64 * 1024 * 1024
+    commit_interval_ms: Annotated[float, Meta(ge=0, le=1000)] = 2.0
+    """Longest a record waits for its group commit (the fsync batch window)."""
+    max_unretired: PositiveInt = 1_000_000
+    """Above this many unretired records, new QoS >= 1 work is refused (MQTT 5: 0x97)."""
+
+
+class AuditSection(_Base, frozen=True):
+    enabled: bool = True
+    dir: str = "./data/audit"
+    max_file_bytes: Annotated[int, Meta(ge=4096)] = 16 * 1024 * 1024
+
+
+class RetrySection(_Base, frozen=True):
+    """What happens when a pipeline stage raises, or an isolated stage hangs or dies."""
+
+    attempts: Annotated[int, Meta(ge=1, le=100)] = 5
+    backoff_initial_ms: Annotated[float, Meta(ge=0)] = 100.0
+    backoff_max_ms: Annotated[float, Meta(ge=0)] = 10_000.0
+    stage_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
+    """Longest an isolated stage may run on one batch before it counts as failed."""
+    dead_letter_dir: str = "./data/dead-letter"
 
 
 class Match(_Base, frozen=True):
@@ -160,6 +195,9 @@ class Config(_Base, frozen=True):
     schemas: dict[str, Schema] = {}
     pipelines: list[Pipeline] = []
     sinks: dict[str, Sink] = {}
+    wal: WALSection = WALSection()
+    audit: AuditSection = AuditSection()
+    retry: RetrySection = RetrySection()
 
     def __post_init__(self) -> None:
         if not self.tiers:

@@ -129,6 +129,7 @@ def test_connection_without_connect_is_closed(quick_timeouts: RunningGateway,
 @pytest.fixture
 def tiny_queue(gateway_factory: Callable[..., RunningGateway]) -> RunningGateway:
     base = DEFAULT_TOML.replace("max_queued = 200000", "max_queued = 2000")
+    base = base.replace("shed_above = 150000", "shed_above = 2000")
     base = base.replace("resume_queued = 100000", "resume_queued = 1000")
     base = base.replace("batch_size = 512", "batch_size = 64").replace("slots = 4", "slots = 1")
     return gateway_factory(base=base)
