@@ -1,4 +1,4 @@
-"""The admin HTTP API (aiohttp): metrics, health, readiness and a JSON status."""
+"""The admin HTTP API (aiohttp): metrics, health, readiness, a JSON status, drain."""
 
 from __future__ import annotations
 
@@ -26,7 +26,13 @@ def make_app(gateway: Gateway) -> web.Application:
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(gateway.stats())
 
+    async def drain(request: web.Request) -> web.Response:
+        gateway.request_stop("admin drain")
+        return web.json_response({"draining": True, "queued": gateway.dispatcher.queued},
+                                 status=202)
+
     app = web.Application()
+    app.router.add_post("/v1/drain", drain)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -1,36 +1,56 @@
 """The gateway's lifecycle: one object owns it.
 
-startup → serve → shutdown. Startup builds the parts from the config (registry, classifier,
-pipelines, sinks, dispatcher), binds the MQTT listener and the admin API, and only then
-reports ready. Shutdown stops the listener, tells MQTT 5 clients the server is going away,
-drains queued work within ``shutdown_timeout``, flushes and closes the sinks, and unwinds
-the rest in reverse. Signal handlers only set the stop event; the loop acts.
+startup → serve → shutdown. Startup opens the audit log, replays what the write-ahead log
+holds unretired (before any new traffic), binds the MQTT listener and the admin API, and
+only then reports ready (``READY=1`` to systemd). Shutdown, a drain: stop accepting, tell
+MQTT 5 clients the server is going away (0x8B), process what is queued within
+``shutdown_timeout``, flush and close the sinks, retire what they hold, close the log;
+whatever the deadline leaves is still in the WAL for the next start.
+
+Signal handlers only set flags; the loop acts: SIGTERM drains, a first SIGINT drains and a
+second one exits at once, SIGHUP reloads (the whole new config is validated and built, then
+swapped in, or the old one is kept and the refusal logged and audited).
+
+A message's WAL record is retired only after its pipeline finished AND the sinks flushed
+it: the housekeeping timer collects finished messages, flushes the sinks, then retires what
+it collected before the flush.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import hashlib
 import logging
 import math
+import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
-from gateway import __version__
+from gateway import __version__, systemd
 from gateway.admin import make_app
+from gateway.audit import AuditBusyError, AuditError, AuditLog
 from gateway.classify import Classifier
-from gateway.config import Config, split_host_port
+from gateway.config import Config, load_config, split_host_port
 from gateway.dispatch import Dispatcher
-from gateway.errors import GatewayError
+from gateway.envelope import Envelope
+from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import MQTTIngest
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, StageContext, build_pipelines
 from gateway.registry import DeviceRegistry
 from gateway.sinks import Sink, build_sinks
+from gateway.statedir import InstanceDir, release_orphan
+from gateway.wal import WriteAheadLog
 from gateway.workers import Workers
 from protocols.mqtt.adapter import MQTTServerProtocol
 
@@ -40,42 +60,180 @@ SERVER_SHUTTING_DOWN = 0x8B
 KEEP_ALIVE_TIMEOUT = 0x8D
 HOUSEKEEPING_INTERVAL_S = 0.5
 SINK_FLUSH_INTERVAL_S = 1.0
+ADOPT_INTERVAL_S = 5.0  # how often to look for the logs of daemons that have exited
+
+# Settings a reload cannot change: they need a restart (a side-by-side upgrade does it).
+RESTART_ONLY = ("mqtt.listen", "admin.listen", "gateway.node_id", "gateway.state_dir",
+                "wal", "audit")
+
+
+@dataclass
+class _Parts:
+    """What a config builds and a reload swaps in whole."""
+
+    config: Config
+    registry: DeviceRegistry
+    classifier: Classifier
+    sinks: dict[str, Sink]
+    pipelines: dict[str, Pipeline]
+
+
+def config_digest(config: Config) -> str:
+    return hashlib.sha256(msgspec.json.encode(config)).hexdigest()
 
 
 class Gateway:
-    def __init__(self, config: Config, *, mqtt_listen: str | None = None,
-                 admin_listen: str | None = None, shutdown_timeout: float = 10.0) -> None:
+    def __init__(self, config: Config, *, config_path: str | Path | None = None,
+                 mqtt_listen: str | None = None, admin_listen: str | None = None,
+                 shutdown_timeout: float = 10.0) -> None:
         self.config = config
+        self.config_path = config_path
         self.mqtt_listen = mqtt_listen or config.mqtt.listen
         self.admin_listen = admin_listen or config.admin.listen
         self.shutdown_timeout = shutdown_timeout
         self.metrics = Metrics()
         self.ready = False
+        self.draining = False
         self.started_at = time.time()
         self.mqtt_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
+        self._stop_reason = ""
         self._unwind: list[Callable[[], Any]] = []
-        self._housekeeping: asyncio.Task[None] | None = None
+        self._finished_seqs: list[int] = []
+        self._audit_backlog: list[tuple[str, dict[str, Any]]] = []
+        self._reloading: asyncio.Task[bool] | None = None
+        self._mqtt_server: asyncio.AbstractServer | None = None
 
-        registry = (DeviceRegistry.load(config.classify.registry) if config.classify.registry
-                    else DeviceRegistry.empty())
-        self.sinks: dict[str, Sink] = build_sinks(config, self.metrics)
-        context = StageContext(config=config, registry=registry, metrics=self.metrics,
-                               schemas=config.schemas, sinks=self.sinks)
-        self.pipelines: dict[str, Pipeline] = build_pipelines(config, context)
-        self.workers = Workers(self.pipelines, self.metrics)
+        state_dir = Path(config.gateway.state_dir)
+        self.audit = (AuditLog(config.audit.dir, node_id=config.gateway.node_id,
+                               max_file_bytes=config.audit.max_file_bytes)
+                      if config.audit.enabled else None)
+        self.instance = InstanceDir(state_dir) if config.wal.enabled else None
+        self.wal = (WriteAheadLog(self.instance.path, config.wal, self.metrics)
+                    if self.instance is not None else None)
+        parts = self._build(config)
+        self.sinks = parts.sinks
+        self.workers = Workers(parts.pipelines, self.metrics, config.retry,
+                               on_finished=self._finished, audit=self._audit)
         self.dispatcher = Dispatcher(config.tiers, config.dispatch, self.workers.process,
-                                     on_pressure=self._on_pressure)
-        for lane in self.dispatcher.lanes:
-            self.metrics.queue_depth.labels(lane.name).set_function(lane.__len__)
+                                     on_pressure=self._on_pressure,
+                                     can_process=lambda: not self.workers.busy)
+        self.workers.dispatcher = self.dispatcher
+        self._export_queue_depth()
+        self.ingest = MQTTIngest(config.gateway.node_id, config.mqtt, config.tiers,
+                                 config.dispatch, parts.classifier, self.dispatcher,
+                                 self.metrics, wal=self.wal,
+                                 summarise=self.audit.summarise if self.audit else None)
+
+    def _build(self, config: Config) -> _Parts:
+        """Everything a config determines; raises ConfigError without touching what runs."""
+        registry = (DeviceRegistry.load(config.classify.registry, tiers=config.tier_names)
+                    if config.classify.registry else DeviceRegistry.empty())
+        sinks = build_sinks(config, self.metrics)
+        context = StageContext(config=config, registry=registry, metrics=self.metrics,
+                               schemas=config.schemas, sinks=sinks)
+        pipelines = build_pipelines(config, context)
         classifier = Classifier(config.classify, registry, config.gateway.region,
                                 config.tier_names)
-        self.ingest = MQTTIngest(config.gateway.node_id, config.mqtt, config.tiers, classifier,
-                                 self.dispatcher, self.metrics)
+        return _Parts(config, registry, classifier, sinks, pipelines)
+
+    def _export_queue_depth(self) -> None:
+        for lane in self.dispatcher.lanes:
+            self.metrics.queue_depth.labels(lane.name).set_function(lane.__len__)
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.audit is None:
+            return
+        if not self.audit.is_open:  # held by a daemon we are taking over from: keep it for later
+            self._audit_backlog.append((event, fields))
+            return
+        try:
+            self.audit.record(event, **fields)
+        except AuditError as err:
+            self.metrics.audit_errors.inc()
+            log.error("audit record %s not written: %s", event, err)
+
+    def _open_audit(self) -> None:
+        """Open the audit log; while another daemon holds it, keep records until it exits."""
+        assert self.audit is not None
+        try:
+            self.audit.open()
+        except AuditBusyError as err:
+            if not self._audit_backlog:
+                log.info("%s; its records wait in memory until it exits", err)
+            return
+        backlog, self._audit_backlog = self._audit_backlog, []
+        for event, fields in backlog:
+            self._audit(event, **fields)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._run_unwind()
+            raise
+
+    async def _start(self) -> None:
+        if self.audit is not None:
+            self._open_audit()
+            self._unwind.append(self.audit.close)
+        if self.wal is not None and self.instance is not None:
+            self.instance.claim()
+            self._unwind.append(self.instance.release)
+            self._replay(self.wal.recover())
+            self._unwind.append(self.wal.close)
+            await self._adopt_orphans()  # before any new traffic
+        await self._listen()
+        self._unwind.append(asyncio.create_task(self._housekeep()).cancel)
+        self.ready = True
+        self._audit("start", version=__version__, config_sha256=config_digest(self.config),
+                    mqtt=_address(self.mqtt_address), admin=_address(self.admin_address),
+                    pid=os.getpid())
+        systemd.notify("READY=1", f"STATUS=serving MQTT on {_hostport(self.mqtt_address)}")
+        log.info("iot-gateway %s node %s region %s: MQTT on %s, admin on http://%s",
+                 __version__, self.config.gateway.node_id, self.config.gateway.region,
+                 _hostport(self.mqtt_address), _hostport(self.admin_address))
+
+    def _replay(self, recovered: list[Envelope], source: str = "own") -> None:
+        """Unretired WAL records go back to their lanes, in order, before new traffic."""
+        if not recovered:
+            return
+        now = time.monotonic_ns()
+        tiers = {t.name: int(t.max_latency_ms * 1_000_000) for t in self.config.tiers}
+        default = self.config.classify.default_tier
+        for envelope in recovered:
+            if envelope.tier not in tiers:  # the tier is gone from the config
+                envelope.tier = default
+            envelope.received_ns = now
+            envelope.deadline_ns = now + tiers[envelope.tier]
+        self.ingest.enqueue(recovered)
+        log.info("write-ahead log: replaying %d unretired messages (%s)", len(recovered), source)
+        self._audit("wal.recovery", replayed=len(recovered), source=source)
+
+    async def _adopt_orphans(self) -> None:
+        """Take over the logs of daemons that have exited: re-append, then remove them."""
+        assert self.instance is not None and self.wal is not None
+        for path, lock in self.instance.lock_orphans():
+            try:
+                recovered = WriteAheadLog(path, self.config.wal, self.metrics).recover()
+                if recovered:
+                    done: asyncio.Future[OSError | None] = (
+                        asyncio.get_running_loop().create_future())
+                    self.wal.append(recovered, done.set_result)
+                    error = await done
+                    if error is not None:
+                        log.error("cannot adopt the write-ahead log %s yet: %s", path, error)
+                        continue
+                    self._replay(recovered, source=str(path))
+                shutil.rmtree(path)
+            except GatewayError as err:
+                log.error("cannot adopt the write-ahead log %s: %s", path, err)
+            finally:
+                release_orphan(lock)
+
+    async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
         mqtt = self.config.mqtt
         codec_options = {"max_packet_size": mqtt.max_packet_size,
@@ -83,11 +241,13 @@ class Gateway:
                          "max_keepalive": mqtt.max_keepalive}
         host, port = split_host_port(self.mqtt_listen)
         try:
+            # SO_REUSEPORT: a new daemon can bind beside this one during an upgrade handover.
             server = await loop.create_server(
                 lambda: MQTTServerProtocol(self.ingest, codec_options, mqtt.write_high_water),
-                host, port, backlog=4096)
+                host, port, backlog=4096, reuse_port=True)
         except OSError as err:
             raise _listen_error("MQTT", self.mqtt_listen, err, "--mqtt-listen") from None
+        self._mqtt_server = server
         self._unwind.append(server.close)
         self.mqtt_address = server.sockets[0].getsockname()[:2]
 
@@ -95,37 +255,43 @@ class Gateway:
         await runner.setup()
         self._unwind.append(runner.cleanup)
         host, port = split_host_port(self.admin_listen, "127.0.0.1")
-        site = web.TCPSite(runner, host, port)
         try:
-            await site.start()
+            await web.TCPSite(runner, host, port, reuse_port=True).start()
         except OSError as err:
-            await self._run_unwind()
             raise _listen_error("admin HTTP", self.admin_listen, err, "--admin-listen") from None
         self.admin_address = runner.addresses[0][:2]
 
-        self._housekeeping = asyncio.create_task(self._housekeep())
-        self._unwind.append(self._housekeeping.cancel)
-        self._mqtt_server = server
-        self.ready = True
-        log.info("iot-gateway %s node %s region %s: MQTT on %s:%d, admin on http://%s:%d",
-                 __version__, self.config.gateway.node_id, self.config.gateway.region,
-                 *self.mqtt_address, *self.admin_address)
-
     async def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT (or ``request_stop``), then shut down."""
+        """Start, serve until SIGTERM/SIGINT (or ``request_stop``), then drain and stop."""
         loop = asyncio.get_running_loop()
-        await self.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+        handled = {signal.SIGTERM: lambda: self.request_stop("SIGTERM"),
+                   signal.SIGINT: self._on_sigint, signal.SIGHUP: self.request_reload}
+        for sig, handler in handled.items():  # before start: READY=1 invites signals
+            loop.add_signal_handler(sig, handler)
+        try:
+            await self.start()
+        except BaseException:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+            raise
         try:
             await self.stopped()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             await self.shutdown()
+            for sig in handled:
+                loop.remove_signal_handler(sig)
 
-    def request_stop(self) -> None:
-        self._stop.set()
+    def _on_sigint(self) -> None:
+        if self._stop.is_set():
+            log.warning("second SIGINT: exiting now; unprocessed acknowledged messages stay "
+                        "in the write-ahead log")
+            os._exit(1)
+        self.request_stop("SIGINT")
+
+    def request_stop(self, reason: str = "requested") -> None:
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
 
     async def stopped(self) -> None:
         """Return once a stop has been requested."""
@@ -133,21 +299,33 @@ class Gateway:
 
     async def shutdown(self) -> None:
         self.ready = False
-        self._mqtt_server.close()
+        self.draining = True
+        systemd.notify("STOPPING=1", "STATUS=draining")
+        queued = self.dispatcher.queued
+        log.info("draining (%s): %d queued", self._stop_reason or "stop", queued)
+        self._audit("drain", reason=self._stop_reason, queued=queued)
+        if self._mqtt_server is not None:
+            self._mqtt_server.close()
         self.ingest.accepting = False
         for client in list(self.ingest.clients):
             client.close(SERVER_SHUTTING_DOWN)
-        try:
-            await asyncio.wait_for(self.dispatcher.wait_idle(), self.shutdown_timeout)
-        except TimeoutError:
-            log.warning("shutdown: %d queued messages not processed within %.1f s",
-                        self.dispatcher.queued, self.shutdown_timeout)
-        self._close_windows(math.inf)
-        for name, sink in self.sinks.items():
-            try:
-                await sink.close()
-            except Exception:
-                log.exception("sink %s failed to close", name)
+        deadline = time.monotonic() + self.shutdown_timeout
+
+        def remaining() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.dispatcher.wait_idle(), remaining())
+        await self.workers.drain(remaining())
+        self.workers.flush_windows(math.inf)  # the last aggregation windows
+        await self.workers.drain(remaining())
+        left = self.dispatcher.queued + self.workers.pending
+        if left:
+            log.warning("drain deadline: %d messages not processed; the acknowledged ones stay "
+                        "in the write-ahead log for the next start", left)
+        await self._flush_and_retire(close=True)
+        self.workers.close()
+        self._audit("stopped", processed=self.workers.processed, left_unprocessed=left)
         await self._run_unwind()
         log.info("stopped: %d messages processed", self.workers.processed)
 
@@ -157,13 +335,77 @@ class Gateway:
             if asyncio.iscoroutine(result):
                 await result
 
+    # -- reload --------------------------------------------------------------------------
+    def request_reload(self) -> None:
+        if not self.ready:
+            log.warning("SIGHUP ignored: not serving yet (or draining)")
+            return
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.get_running_loop().create_task(self.reload())
+
+    async def reload(self) -> bool:
+        """Validate and build the whole new config, then swap it in; or keep the old one."""
+        systemd.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new = load_config(self.config_path)
+            _check_reloadable(self.config, new)
+            parts = self._build(new)
+        except GatewayError as err:  # ConfigError included
+            log.error("reload refused, the running config is kept: %s", err)
+            self._audit("reload", accepted=False, reason=str(err))
+            systemd.notify("READY=1", "STATUS=reload refused; running config kept")
+            return False
+        old_sinks = self.sinks
+        self.config = new
+        self.sinks = parts.sinks
+        self.dispatcher.reconfigure(new.tiers, new.dispatch, default_tier=new.classify.default_tier)
+        self._export_queue_depth()
+        self.workers.reconfigure(parts.pipelines, new.retry)
+        self.ingest.configure(new.mqtt, new.tiers, new.dispatch, parts.classifier)
+        for name, sink in old_sinks.items():
+            if parts.sinks.get(name) is not sink:
+                await _close_sink(name, sink)
+        log.info("reloaded %s", self.config_path or "the built-in config")
+        self._audit("reload", accepted=True, config_sha256=config_digest(new))
+        systemd.notify("READY=1", "STATUS=reloaded")
+        return True
+
+    # -- processing results ----------------------------------------------------------------
+    def _finished(self, envelopes: list[Envelope]) -> None:
+        """Their pipeline is done; retire their WAL records once the sinks have flushed them."""
+        if self.wal is not None:
+            self._finished_seqs.extend(e.wal_seq for e in envelopes if e.wal_seq)
+
+    async def _flush_and_retire(self, close: bool = False) -> None:
+        finished, self._finished_seqs = self._finished_seqs, []
+        ok = True
+        for name, sink in self.sinks.items():
+            if close:
+                ok = await _close_sink(name, sink) and ok
+            else:
+                try:
+                    await sink.flush()
+                except Exception:
+                    log.exception("sink %s failed to flush", name)
+                    ok = False
+        if self.wal is None:
+            return
+        if ok:
+            self.wal.retire(finished)
+        else:  # retry next time: nothing is retired that a sink may not have written
+            self._finished_seqs[:0] = finished
+
     # -- periodic work: one coarse timer for every connection -------------------------
     async def _housekeep(self) -> None:
         connect_timeout = self.config.mqtt.connect_timeout_s
         next_flush = time.monotonic() + SINK_FLUSH_INTERVAL_S
+        next_adopt = time.monotonic() + ADOPT_INTERVAL_S
+        watchdog = systemd.watchdog_interval()
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
             now = time.monotonic()
+            if watchdog is not None:  # pinged from the loop: a stuck loop gets restarted
+                systemd.notify("WATCHDOG=1")
             for client in list(self.ingest.clients):
                 conn = client.conn
                 if conn.keepalive_expired(now):
@@ -176,22 +418,24 @@ class Gateway:
                     log.warning("mqtt client %s sent no CONNECT within %.0f s",
                                 client.peer, connect_timeout)
                     client.close()
+            self.ingest.resume_refused()
+            if self.instance is not None and now >= next_adopt:
+                next_adopt = now + ADOPT_INTERVAL_S
+                await self._adopt_orphans()
             if now >= next_flush:
                 next_flush = now + SINK_FLUSH_INTERVAL_S
-                self._close_windows(time.time())
-                for name, sink in self.sinks.items():
-                    try:
-                        await sink.flush()
-                    except Exception:
-                        log.exception("sink %s failed to flush", name)
+                self.workers.flush_windows(time.time())
+                await self._flush_and_retire()
+                if self.audit is not None:
+                    if not self.audit.is_open:
+                        self._open_audit()
+                    if self.audit.is_open:
+                        try:
+                            self.audit.flush_summaries()
+                        except AuditError as err:
+                            self.metrics.audit_errors.inc()
+                            log.error("audit summaries not written: %s", err)
 
-    def _close_windows(self, now: float) -> None:
-        """Emit the aggregation windows that ``now`` has closed."""
-        for pipeline in set(self.pipelines.values()):
-            try:
-                pipeline.flush(now)
-            except Exception:
-                log.exception("pipeline %s failed to close its windows", pipeline.name)
 
     def _on_pressure(self, paused: bool) -> None:
         if paused:
@@ -203,10 +447,11 @@ class Gateway:
     # -- introspection ----------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         return {
-            "status": "ok",
+            "status": "draining" if self.draining else "ok",
             "version": __version__,
             "node_id": self.config.gateway.node_id,
             "region": self.config.gateway.region,
+            "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "listeners": {
                 "mqtt": _address(self.mqtt_address),
@@ -217,16 +462,41 @@ class Gateway:
     def stats(self) -> dict[str, Any]:
         return {
             "received": self.ingest.received,
+            "refused": self.ingest.refused,
             "processed": self.workers.processed,
             "failed": self.workers.failed,
+            "pending": self.workers.pending,
             "queued": self.dispatcher.queued,
+            "wal_unretired": self.wal.unretired if self.wal is not None else 0,
             "connections": len(self.ingest.clients),
             "lanes": {lane.name: len(lane) for lane in self.dispatcher.lanes},
         }
 
 
+async def _close_sink(name: str, sink: Sink) -> bool:
+    try:
+        await sink.close()
+    except Exception:
+        log.exception("sink %s failed to close", name)
+        return False
+    return True
+
+
+def _check_reloadable(old: Config, new: Config) -> None:
+    for path in RESTART_ONLY:
+        before, after = old, new
+        for part in path.split("."):
+            before, after = getattr(before, part), getattr(after, part)
+        if before != after:
+            raise ConfigError(f"{path} changed ({before!r} → {after!r}): restart to apply it")
+
+
 def _address(addr: tuple[str, int] | None) -> dict[str, Any] | None:
     return None if addr is None else {"host": addr[0], "port": addr[1]}
+
+
+def _hostport(addr: tuple[str, int] | None) -> str:
+    return "-" if addr is None else f"{addr[0]}:{addr[1]}"
 
 
 def _listen_error(what: str, listen: str, err: OSError, option: str) -> GatewayError:

@@ -256,40 +256,44 @@ async def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> Non
     raise GatewayError(f"{what} did not listen on port {port}")
 
 
-async def _bench_gateway(workdir: Path, frames: dict[int, list[Frames]],
-                         paced: tuple[list[Frames], float], pipeline: str) -> list[RunResult]:
-    config = workdir / "bench.toml"
-    config.write_text(BENCH_CONFIG + PIPELINES[pipeline])
-    label = "iot-gateway" if pipeline == "null" else f"iot-gateway ({pipeline})"
+async def _bench_gateway(workdir: Path, label: str, config_text: str,
+                         flood: dict[int, list[Frames]],
+                         paced: dict[int, tuple[list[Frames], float]]) -> list[RunResult]:
+    """One gateway process: flood runs per QoS, then paced runs per QoS."""
+    rundir = workdir / label.replace(" ", "_").replace(",", "")
+    rundir.mkdir()
+    config = rundir / "bench.toml"
+    config.write_text(config_text)
     mqtt_port, admin_port = _free_port(), _free_port()
     admin = f"http://127.0.0.1:{admin_port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
          "--mqtt-listen", f"127.0.0.1:{mqtt_port}", "--admin-listen", f"127.0.0.1:{admin_port}"],
-        cwd=workdir)
+        cwd=rundir)
     results = []
     try:
         await _wait_port(admin_port, proc, "the gateway")
-        for qos, qos_frames in frames.items():
+        for qos, qos_frames in flood.items():
             results.append(await _gateway_run(admin, mqtt_port, qos, qos_frames, label))
             results[-1].rss_mb = _rss_mb(proc.pid)
-        paced_frames, rate_per_client = paced
-        before = _histograms(admin)
-        seconds = await _drive(mqtt_port, paced_frames, 0, rate_per_client)
-        await _wait_processed(admin)
-        total = sum(map(len, paced_frames))
-        results.append(RunResult(f"{label}, paced", 0, total, seconds, total / seconds,
-                                 _quantiles(before, _histograms(admin)), _rss_mb(proc.pid)))
+        for qos, (paced_frames, rate_per_client) in paced.items():
+            before = _histograms(admin)
+            seconds = await _drive(mqtt_port, paced_frames, qos, rate_per_client)
+            await _wait_processed(admin)
+            total = sum(map(len, paced_frames))
+            results.append(RunResult(f"{label}, paced", qos, total, seconds, total / seconds,
+                                     _quantiles(before, _histograms(admin)), _rss_mb(proc.pid)))
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
     return results
 
 
 async def _wait_processed(admin: str) -> None:
     while True:
         stats = json.loads(_get(f"{admin}/v1/stats"))
-        if stats["processed"] + stats["failed"] >= stats["received"] and not stats["queued"]:
+        done = stats["processed"] + stats["failed"] + stats.get("refused", 0)
+        if done >= stats["received"] and not stats["queued"]:
             return
         await asyncio.sleep(0.01)
 
@@ -335,18 +339,24 @@ def run_bench(*, messages: int, connections: int, payload_size: int, qos_levels:
               with_peer: bool, as_json: bool, paced_rate: int, pipeline: str = "null") -> None:
     per_conn = [messages // connections + (i < messages % connections)
                 for i in range(connections)]
-    frames = {q: [_frames(i, n, q, payload_size) for i, n in enumerate(per_conn)]
-              for q in qos_levels}
+    flood = {q: [_frames(i, n, q, payload_size) for i, n in enumerate(per_conn)]
+             for q in qos_levels}
     paced_seconds = 5
     paced_per_conn = max(1, paced_rate * paced_seconds // connections)
-    paced_frames = [_frames(i, paced_per_conn, 0, payload_size) for i in range(connections)]
+    paced = {q: ([_frames(i, paced_per_conn, q, payload_size) for i in range(connections)],
+                 paced_rate / connections) for q in sorted({0, *qos_levels} & {0, 1})}
+    config = BENCH_CONFIG + PIPELINES[pipeline]
+    label = "iot-gateway" if pipeline == "null" else f"iot-gateway ({pipeline})"
 
     async def main() -> list[RunResult]:
         with tempfile.TemporaryDirectory(prefix="iotgw-bench-") as tmp:
-            results = await _bench_gateway(Path(tmp), frames,
-                                           (paced_frames, paced_rate / connections), pipeline)
+            results = await _bench_gateway(Path(tmp), label, config, flood, paced)
+            if 1 in flood:  # the same QoS 1 load without the write-ahead log: what it costs
+                results += await _bench_gateway(
+                    Path(tmp), f"{label}, no WAL", config + "[wal]\nenabled = false\n",
+                    {1: flood[1]}, {1: paced[1]})
             if with_peer and _mosquitto_available():
-                results += await _bench_mosquitto(Path(tmp), frames)
+                results += await _bench_mosquitto(Path(tmp), flood)
             return results
 
     results = uvloop.run(main())
@@ -368,6 +378,13 @@ def _print(results: list[RunResult], messages: int, connections: int, payload_si
         if r.server.startswith("iot-gateway") and "paced" not in r.server and r.qos in peers:
             print(f"ratio {r.server} / mosquitto, QoS {r.qos}: "
                   f"{r.rate / peers[r.qos].rate:.2f}")
+    wal = {r.server.endswith("no WAL, paced"): r for r in results
+           if r.qos == 1 and r.server.endswith("paced")}
+    if len(wal) == 2:
+        on, off = wal[False].latency_ms, wal[True].latency_ms
+        added = {t: on[t]["p99"] - off[t]["p99"] for t in on if t in off}
+        print("p99 added by the write-ahead log (paced QoS 1, fsync on vs no WAL): "
+              + ", ".join(f"{t} {ms:+.2f} ms" for t, ms in added.items()))
     for r in results:
         if r.latency_ms:
             print(f"latency, {r.server} QoS {r.qos} at {r.rate:,.0f} msg/s "

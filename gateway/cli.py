@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from gateway import __version__
-from gateway.config import Config, load_config
+from gateway.audit import audit_group
+from gateway.config import Config, load_config, split_host_port
 from gateway.errors import ConfigError, GatewayError
 
 
@@ -59,14 +60,38 @@ def serve(config_path: Path | None, mqtt_listen: str | None, admin_listen: str |
     config = _load_or_exit(config_path)
     _setup_logging(log_level or config.gateway.log_level)
     try:
-        gateway = Gateway(config, mqtt_listen=mqtt_listen, admin_listen=admin_listen,
-                          shutdown_timeout=shutdown_timeout)
+        gateway = Gateway(config, config_path=config_path, mqtt_listen=mqtt_listen,
+                          admin_listen=admin_listen, shutdown_timeout=shutdown_timeout)
         uvloop.run(gateway.run())
     except ConfigError as err:
         where = config_path or "built-in config"
         raise _ConfigClickException(f"invalid configuration: {where}: {err}") from None
     except GatewayError as err:
         raise click.ClickException(str(err)) from None
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="The config the gateway runs with (for admin.listen).")
+@click.option("--admin", "admin_url", metavar="URL",
+              help="The gateway's admin API, e.g. http://127.0.0.1:9883 "
+                   "(default: from the config).")
+def drain(config_path: Path | None, admin_url: str | None) -> None:
+    """Ask a running gateway to drain and exit (as SIGTERM does), through its admin API."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if admin_url is None:
+        host, port = split_host_port(_load_or_exit(config_path).admin.listen, "127.0.0.1")
+        admin_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    request = urllib.request.Request(admin_url.rstrip("/") + "/v1/drain", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.loads(response.read())
+    except (urllib.error.URLError, OSError) as err:
+        raise click.ClickException(f"cannot reach the admin API at {admin_url}: {err}") from None
+    click.echo(f"draining: {answer.get('queued', 0)} messages queued")
 
 
 @main.command("check-config")
@@ -115,6 +140,8 @@ def bench(messages: int, connections: int, payload_size: int, qos_levels: str, p
     except GatewayError as err:
         raise click.ClickException(str(err)) from None
 
+
+main.add_command(audit_group)
 
 if __name__ == "__main__":
     main()

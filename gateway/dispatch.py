@@ -23,6 +23,10 @@ Ingest appends to lanes and calls ``kick()``; one drain is scheduled per loop tu
 processing callback, then yields to the loop so that sockets are read between batches.
 Above ``max_queued`` waiting messages the dispatcher asks ingest to pause reading; below
 ``resume_queued`` it lets it resume: a flood is pushed back into TCP, not into memory.
+
+Processing may hold batches beyond a drain (isolated stages, retries): while its
+``can_process()`` says no, a drain hands out nothing more and does not reschedule itself;
+processing calls ``kick()`` once it has room again.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class Dispatcher:
         settings: DispatchSection,
         process: ProcessBatch,
         on_pressure: Callable[[bool], None] = lambda paused: None,
+        can_process: Callable[[], bool] | None = None,
     ) -> None:
         self.lanes = [Lane(i, t.name, t.guaranteed_share) for i, t in enumerate(tiers)]
         self.lane_by_tier = {lane.name: lane for lane in self.lanes}
@@ -75,6 +80,7 @@ class Dispatcher:
         self.resume_queued = settings.resume_queued
         self._process = process
         self._on_pressure = on_pressure
+        self._can_process = can_process
         self.queued = 0
         self.pressure = False
         self._scheduled = False
@@ -89,6 +95,14 @@ class Dispatcher:
             self.pressure = True
             self._on_pressure(True)
         if not self._scheduled:
+            self._scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._drain)
+
+    def kick(self) -> None:
+        """Schedule a drain if work is waiting (processing calls it when it has room again)."""
+        if self.queued and not self._scheduled:
             self._scheduled = True
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
@@ -155,7 +169,12 @@ class Dispatcher:
 
     def _drain(self) -> None:
         self._scheduled = False
+        can_process = self._can_process
+        blocked = False
         for _ in range(self.slots):
+            if can_process is not None and not can_process():
+                blocked = True  # processing will kick() when it has room
+                break
             picked = self.next_batch()
             if picked is None:
                 break
@@ -163,12 +182,30 @@ class Dispatcher:
         if self.pressure and self.queued < self.resume_queued:
             self.pressure = False
             self._on_pressure(False)
-        if self.queued and not self._scheduled:
+        if self.queued and not self._scheduled and not blocked:
             self._scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._drain)
         elif not self.queued and self._idle is not None:
             self._idle.set()
+
+    def reconfigure(self, tiers: list[Tier], settings: DispatchSection,
+                    default_tier: str) -> None:
+        """Take a reloaded config: new lanes, queued messages moved over in order.
+
+        A message whose tier is gone goes to ``default_tier``; credits start afresh."""
+        old = self.lanes
+        self.lanes = [Lane(i, t.name, t.guaranteed_share) for i, t in enumerate(tiers)]
+        self.lane_by_tier = {lane.name: lane for lane in self.lanes}
+        for lane in old:
+            target = self.lane_by_tier.get(lane.name) or self.lane_by_tier[default_tier]
+            for envelope in lane.items:
+                envelope.tier = target.name
+            target.items.extend(lane.items)
+        self.batch_size = settings.batch_size
+        self.slots = settings.slots
+        self.max_queued = settings.max_queued
+        self.resume_queued = settings.resume_queued
 
     async def wait_idle(self) -> None:
         """Return once every queued message has been handed to processing."""

@@ -43,3 +43,5 @@ class Envelope(msgspec.Struct, gc=False):
     """Protocol-specific handle to acknowledge the message once it is safe to do so."""
     stage: int = 0
     """Index of the next pipeline stage to run (progress survives preemption)."""
+    wal_seq: int = 0
+    """Sequence number of its write-ahead log record (0: not in the log); retire it by this."""

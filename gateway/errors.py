@@ -11,3 +11,8 @@ class ConfigError(GatewayError):
     """The configuration is invalid; the message names the place."""
 
     exit_code = 2
+
+
+class WALError(GatewayError):
+    """The write-ahead log cannot be used (its directory cannot be created, read or written,
+    or it holds a format this version does not know); the message names the path."""

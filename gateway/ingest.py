@@ -1,18 +1,28 @@
 """MQTT ingest: PUBLISH packets → classified envelopes in the dispatcher's lanes.
 
 This is the hot path. Per read, the adapter hands over every PUBLISH it decoded; per
-message we do one dict lookup (the connection's topic → classification cache), build one
-``Envelope`` and append it to its lane. Counters are bumped once per read, never per message.
+message we do one dict lookup (the connection's topic → classification cache) and build one
+``Envelope``. Counters are bumped once per read, never per message.
+
+Delivery: QoS 0 messages go to their lane at once, unless the gateway is overloaded and
+their tier may be shed (lowest tier first, more tiers as the backlog grows; counted and
+summarised in the audit log). QoS 1/2 messages are appended to the write-ahead log and
+acknowledged only once the group commit holding them is on disk; until then the read's
+messages (QoS 0 ones too, to keep each connection's order) wait together. When the WAL
+refuses (too much unretired work, or a failing disk) MQTT 5 clients get PUBACK/PUBREC 0x97
+(quota exceeded) and MQTT 3.1.1 clients, who cannot be told, are paused instead.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from itertools import count
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.classify import Classification, Classifier
-from gateway.config import MQTTListener, Tier
+from gateway.config import DispatchSection, MQTTListener, Tier
 from gateway.dispatch import Dispatcher
 from gateway.envelope import Envelope
 from gateway.metrics import Metrics
@@ -26,26 +36,67 @@ log = logging.getLogger("iotgw.ingest")
 
 SUCCESS = 0x00
 NO_SUBSCRIPTION_EXISTED = 0x11
+QUOTA_EXCEEDED = 0x97
+UNSPECIFIED_ERROR = 0x80
+MQTT5 = 5
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while n:
+        n, d = divmod(n, 36)
+        out = digits[d] + out
+    return out or "0"
+
+
+class Durability(Protocol):
+    """What ingest needs from the write-ahead log (``gateway.wal.WriteAheadLog``)."""
+
+    @property
+    def refusing(self) -> bool: ...
+
+    def append(self, batch: list[Envelope], done: Callable[[OSError | None], None]) -> None: ...
 
 
 class MQTTIngest:
     """The gateway's side of every MQTT connection (implements ``MQTTHooks``)."""
 
     def __init__(self, node_id: str, settings: MQTTListener, tiers: list[Tier],
-                 classifier: Classifier, dispatcher: Dispatcher, metrics: Metrics) -> None:
-        self.settings = settings
-        self.classifier = classifier
+                 dispatch: DispatchSection, classifier: Classifier, dispatcher: Dispatcher,
+                 metrics: Metrics, wal: Durability | None = None,
+                 summarise: Callable[..., None] | None = None) -> None:
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self.wal = wal
         self.clients: set[MQTTServerProtocol] = set()
         self.accepting = True
         self.received = 0
-        self._prefix = node_id + "-"
+        self.refused = 0
+        # Ids stay unique across restarts and side-by-side upgrades: node, start time, sequence.
+        self._prefix = f"{node_id}-{_base36(time.time_ns() // 1000)}-"
         self._sequence = count(1)
-        self._lanes = {lane.name: lane.items for lane in dispatcher.lanes}
-        self._deadline_ns = {t.name: int(t.max_latency_ms * 1_000_000) for t in tiers}
         self._received = metrics.messages_received.labels("mqtt")
         self._connections = metrics.connections.labels("mqtt")
+        self._summarise = summarise
+        self._wal_paused: set[MQTTServerProtocol] = set()
+        self.configure(settings, tiers, dispatch, classifier)
+
+    def configure(self, settings: MQTTListener, tiers: list[Tier], dispatch: DispatchSection,
+                  classifier: Classifier) -> None:
+        """Take a (re)loaded config: new rules apply to every connection's next message."""
+        self.settings = settings
+        self.classifier = classifier
+        self._lanes = {lane.name: lane.items for lane in self.dispatcher.lanes}
+        self._deadline_ns = {t.name: int(t.max_latency_ms * 1_000_000) for t in tiers}
+        self._rank = {t.name: i for i, t in enumerate(tiers)}
+        # Tiers that may be shed, least urgent first, and the backlog window over which
+        # shedding widens from the least urgent of them to all of them.
+        self._sheddable = [t.name for t in reversed(tiers) if t.shed_qos0]
+        self._shed_above = dispatch.shed_above
+        self._shed_span = max(1, dispatch.max_queued - dispatch.shed_above)
+        for client in self.clients:
+            client.topic_cache.clear()
 
     # -- connection lifecycle -----------------------------------------------------------
     def on_open(self, client: MQTTServerProtocol) -> None:
@@ -56,6 +107,7 @@ class MQTTIngest:
 
     def on_close(self, client: MQTTServerProtocol) -> None:
         self.clients.discard(client)
+        self._wal_paused.discard(client)
         self._connections.dec()
 
     def on_connect(self, client: MQTTServerProtocol, request: ConnectRequest) -> None:
@@ -90,28 +142,123 @@ class MQTTIngest:
     def on_publish(self, client: MQTTServerProtocol, batch: list[Publish],
                    received_ns: int, received_at: float) -> None:
         cache = client.topic_cache
-        conn = client.conn
-        lanes = self._lanes
         deadlines = self._deadline_ns
         prefix = self._prefix
         sequence = self._sequence
+        shed = self._shed_tiers()
+        waiting: list[Envelope] = []  # this read's messages, in order
+        durable: list[Envelope] = []  # the QoS >= 1 ones among them
+        acks: list[Publish] = []
+        shed_counts: dict[str, int] | None = None
         for publish in batch:
             topic = publish.topic
             c: Classification | None = cache.get(topic)
             if c is None:
                 c = self._classify(client, topic)
             tier = c.tier
-            lanes[tier].append(Envelope(
+            qos = publish.qos
+            if not qos and tier in shed:
+                if shed_counts is None:
+                    shed_counts = {}
+                shed_counts[tier] = shed_counts.get(tier, 0) + 1
+                continue
+            envelope = Envelope(
                 prefix + str(next(sequence)), c.device, c.tenant, tier, c.region, topic,
-                publish.payload, received_ns, received_at, "mqtt", publish.qos,
+                publish.payload, received_ns, received_at, "mqtt", qos,
                 c.device_class, received_ns + deadlines[tier],
-            ))
-            if publish.qos:
-                conn.ack(publish)
+            )
+            waiting.append(envelope)
+            if qos:
+                durable.append(envelope)
+                acks.append(publish)
         n = len(batch)
         self.received += n
         self._received.inc(n)
-        self.dispatcher.accepted(n)
+        if shed_counts:
+            self._count_shed(shed_counts)
+        if self.wal is None:
+            for publish in acks:
+                client.conn.ack(publish)
+            self.enqueue(waiting)
+        elif durable or client.commits_pending:
+            self._append_durably(client, waiting, durable, acks)
+        else:
+            self.enqueue(waiting)
+
+    def enqueue(self, envelopes: list[Envelope]) -> None:
+        """Hand classified envelopes to their lanes, in order."""
+        if not envelopes:
+            return
+        lanes = self._lanes
+        for envelope in envelopes:
+            lanes[envelope.tier].append(envelope)
+        self.dispatcher.accepted(len(envelopes))
+
+    def _append_durably(self, client: MQTTServerProtocol, waiting: list[Envelope],
+                        durable: list[Envelope], acks: list[Publish]) -> None:
+        assert self.wal is not None
+        if durable and self.wal.refusing:
+            self._refuse(client, acks)
+            waiting = [e for e in waiting if not e.qos]
+            durable, acks = [], []
+            if not client.commits_pending:
+                self.enqueue(waiting)
+                return
+
+        def done(error: OSError | None) -> None:
+            client.commits_pending -= 1
+            if error is not None and durable:
+                log.error("write-ahead log commit failed (%s): refusing %d messages from %s",
+                          error, len(durable), client.peer)
+                self._refuse(client, acks)
+                self.enqueue([e for e in waiting if not e.qos])
+                return
+            self.enqueue(waiting)
+            conn = client.conn
+            for publish in acks:
+                conn.ack(publish)
+            client.flush()
+
+        client.commits_pending += 1
+        self.wal.append(durable, done)
+
+    def _refuse(self, client: MQTTServerProtocol, acks: list[Publish]) -> None:
+        """Say no without losing anything: the client still holds what we did not ack."""
+        if not acks:
+            return
+        self.refused += len(acks)
+        self.metrics.messages_refused.labels("mqtt", "quota_exceeded").inc(len(acks))
+        conn = client.conn
+        if conn.version == MQTT5:
+            for publish in acks:
+                conn.ack(publish, QUOTA_EXCEEDED)
+            client.flush()
+        else:
+            # MQTT 3.1.1 cannot refuse a PUBLISH: hold the client (it resends what we did not
+            # ack after it reconnects) until the log takes work again.
+            self._wal_paused.add(client)
+            client.pause_for_backpressure(True, reason="wal")
+
+    def resume_refused(self) -> None:
+        """Called periodically: let paused MQTT 3.1.1 clients go on once the WAL takes work."""
+        if self._wal_paused and self.wal is not None and not self.wal.refusing:
+            for client in self._wal_paused:
+                client.pause_for_backpressure(False, reason="wal")
+            self._wal_paused.clear()
+
+    def _shed_tiers(self) -> frozenset[str] | tuple[()]:
+        over = self.dispatcher.queued - self._shed_above
+        if over <= 0 or not self._sheddable:
+            return ()
+        # Widen from the least urgent sheddable tier to all of them as the backlog grows.
+        count_ = 1 + over * len(self._sheddable) // self._shed_span
+        return frozenset(self._sheddable[:count_])
+
+    def _count_shed(self, counts: dict[str, int]) -> None:
+        for tier, n in counts.items():
+            self.metrics.messages_shed.labels(tier, "overload").inc(n)
+            if self._summarise is not None:
+                self._summarise("shed", tier, n, reason="overload")
 
     def _classify(self, client: MQTTServerProtocol, topic: str) -> Classification:
         cache = client.topic_cache

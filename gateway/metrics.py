@@ -11,7 +11,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -94,6 +94,9 @@ class Metrics:
         self.messages_shed = Counter(
             "iotgw_messages_shed", "QoS 0 messages dropped under overload, never silently",
             ["tier", "reason"], registry=r)
+        self.messages_refused = Counter(
+            "iotgw_messages_refused", "QoS >= 1 messages refused (not acknowledged) under overload",
+            ["protocol", "reason"], registry=r)
         self.protocol_errors = Counter(
             "iotgw_protocol_errors", "Connections closed for a protocol violation",
             ["protocol", "reason"], registry=r)
@@ -105,6 +108,24 @@ class Metrics:
             ["device_class"], registry=r)
         self.pipeline_failures = Counter(
             "iotgw_pipeline_failures", "Messages whose pipeline raised", ["tier"], registry=r)
+        self.stage_failures = Counter(
+            "iotgw_stage_failures", "Times a stage failed on a batch or a message: it raised "
+            "(error), ran past its timeout (timeout) or its worker process died (crash)",
+            ["stage", "reason"], registry=r)
+        self.stage_retries = Counter(
+            "iotgw_stage_retries", "Messages run again through a stage that failed on them",
+            ["stage"], registry=r)
+        self.dead_letters = Counter(
+            "iotgw_dead_letters", "Messages moved to the dead-letter sink after their last attempt",
+            ["stage"], registry=r)
+        self.workers_pending = Gauge(
+            "iotgw_workers_pending_messages", "Messages waiting for a retry or in isolated stages",
+            registry=r)
+        self.isolated_pool_restarts = Counter(
+            "iotgw_isolated_pool_restarts", "Times the isolated stages' process pool was torn "
+            "down (reason: timeout, crash)", ["reason"], registry=r)
+        self.audit_errors = Counter(
+            "iotgw_audit_errors", "Audit records that could not be written", registry=r)
         self.sink_records = Counter(
             "iotgw_sink_records", "Records written by each sink", ["sink"], registry=r)
         self.sink_errors = Counter(
@@ -129,3 +150,45 @@ class Metrics:
             "iotgw_processing_latency_seconds",
             "From the first byte read to the end of the pipeline", "tier")
         r.register(self.processing_latency)
+
+        # The write-ahead log (gateway/wal.py): counted per group commit, never per message.
+        self.wal_appended = Counter(
+            "iotgw_wal_appended_records", "Records made durable in the write-ahead log",
+            registry=r)
+        self.wal_retired = Counter(
+            "iotgw_wal_retired_records", "WAL records retired (processed; never replayed)",
+            registry=r)
+        self.wal_commits = Counter(
+            "iotgw_wal_commits", "WAL group commits that succeeded (normally one durable write)",
+            registry=r)
+        self.wal_commit_errors = Counter(
+            "iotgw_wal_commit_errors", "WAL group commits that failed (their appends refused)",
+            ["errno"], registry=r)
+        self.wal_written_bytes = Counter(
+            "iotgw_wal_written_bytes", "Bytes written to WAL segments", registry=r)
+        self.wal_fsync_seconds = Histogram(
+            "iotgw_wal_fsync_seconds",
+            "Duration of each WAL sync: a segment's durable write, or a directory fsync",
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.wal_commit_latency = Histogram(
+            "iotgw_wal_commit_latency_seconds",
+            "From the first record of a group commit being appended to all of it being durable",
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.wal_unretired = Gauge(
+            "iotgw_wal_unretired_records", "WAL records not yet retired", registry=r)
+        self.wal_segments = Gauge(
+            "iotgw_wal_segments", "WAL segment files on disk", registry=r)
+        self.wal_refusing = Gauge(
+            "iotgw_wal_refusing", "1 while the WAL refuses new work (full, or disk failing)",
+            registry=r)
+        self.wal_segments_deleted = Counter(
+            "iotgw_wal_segments_deleted", "WAL segments deleted once all their records retired",
+            registry=r)
+        self.wal_recovered = Counter(
+            "iotgw_wal_recovered_records", "Unretired WAL records read back at start",
+            registry=r)
+        self.wal_corrupt_records = Counter(
+            "iotgw_wal_corrupt_records",
+            "Torn or corrupt WAL records found at start (each cut its segment there)", registry=r)
+        self.wal_truncated_bytes = Counter(
+            "iotgw_wal_truncated_bytes", "Bytes cut from WAL segments at start", registry=r)

@@ -9,12 +9,21 @@ its options decoded into the type's ``Options`` Struct (unknown keys rejected) a
 built with a ``StageContext``. Any error is a ``ConfigError`` naming its place, e.g.
 ``pipelines[0].stages[2].rename: expected object, got int``.
 
+Two more keys of a stage table belong to the pipeline, not to the stage's options:
+``isolate = true`` runs the stage in a worker process (``gateway.workers`` owns the pool; the
+stage is rebuilt there from its ``Isolation``), and ``timeout_s`` bounds how long it may take
+on one batch there (default ``retry.stage_timeout_s``). A stage that emits on time (aggregate
+windows) keeps its state in the loop's process and cannot be isolated.
+
 A pipeline runs a batch (one tier's, as the dispatcher hands it) through its stages
 synchronously, each stage taking and returning the whole batch; then it hands every envelope
 to the sinks named in ``env.sinks``, one ``write`` per sink per batch. Stage boundaries are
 where work may be preempted: ``advance`` runs a range of stages and records the next one in
 ``env.stage``, and ``run(batch, start)`` resumes from there. Time-based stages (aggregate
-windows) emit on ``flush(now)``, called by the owner's timer.
+windows) emit on ``flush(now)``, called by the owner's timer. ``run``, ``advance`` and
+``flush`` run every stage in the calling process, isolated ones included: the process pool,
+timeouts and retries are ``gateway.workers``' business (``stage_types`` and ``isolation``
+tell it what each stage is).
 
 A pipeline neither counts processed messages nor observes their latency: its caller
 (``gateway.workers``) does, once per batch.
@@ -23,7 +32,9 @@ A pipeline neither counts processed messages nor observes their latency: its cal
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+import pickle
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, cast
 
@@ -39,9 +50,9 @@ from gateway.stages import BUILTIN_STAGES, OptionError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BROKEN_STAGES", "STAGES", "OptionError", "Pipeline", "Stage", "StageContext",
-           "StageFactory", "WindowedStage", "build_pipelines", "build_stage",
-           "validate_pipelines"]
+__all__ = ["BROKEN_STAGES", "PIPELINE_KEYS", "STAGES", "Isolation", "OptionError", "Pipeline",
+           "Stage", "StageContext", "StageFactory", "WindowedStage", "build_pipelines",
+           "build_stage", "validate_pipelines"]
 
 
 class Stage(Protocol):
@@ -80,6 +91,22 @@ class StageFactory(Protocol):
     def __call__(self, options: Any, context: StageContext) -> Stage: ...
 
 
+@dataclass(frozen=True)
+class Isolation:
+    """An ``isolate = true`` stage: what a worker process needs to build it again."""
+
+    factory: StageFactory
+    options: Any
+    """The decoded ``factory.Options``."""
+    context: StageContext
+    """The build context; a worker process gets its config, registry and schemas only."""
+    timeout_s: float | None = None
+    """Longest it may run on one batch; ``None``: ``retry.stage_timeout_s``."""
+
+
+PIPELINE_KEYS = ("type", "isolate", "timeout_s")
+"""Keys of a stage table that are not the stage's own options."""
+
 STAGES: dict[str, StageFactory]
 """Stage types by name: the built-ins and the ``iot_gateway.stages`` entry points."""
 BROKEN_STAGES: dict[str, str]
@@ -90,13 +117,24 @@ STAGES, BROKEN_STAGES = load_plugins("iot_gateway.stages", BUILTIN_STAGES)
 class Pipeline:
     """A named sequence of stages, then the sinks."""
 
-    __slots__ = ("_processes", "_unrouted", "_warned", "_windowed", "name", "sinks", "stages")
+    __slots__ = ("_processes", "_unrouted", "_warned", "_windowed", "isolation", "name", "sinks",
+                 "stage_types", "stages")
 
     def __init__(self, name: str, stages: list[Stage], sinks: Mapping[str, Sink],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, stage_types: Sequence[str] | None = None,
+                 isolation: Sequence[Isolation | None] | None = None) -> None:
         self.name = name
         self.stages: tuple[Stage, ...] = tuple(stages)
         self.sinks = sinks
+        self.stage_types: tuple[str, ...] = (
+            tuple(stage_types) if stage_types is not None
+            else tuple(type(stage).__name__ for stage in stages))
+        """Each stage's registered type name (``"transform"``): its label in metrics."""
+        self.isolation: tuple[Isolation | None, ...] = (
+            tuple(isolation) if isolation is not None else (None,) * len(stages))
+        """Per stage: how to run it in a worker process, or ``None`` (in the event loop)."""
+        if len(self.stage_types) != len(stages) or len(self.isolation) != len(stages):
+            raise ValueError("stage_types and isolation must have one entry per stage")
         self._processes = tuple(stage.process for stage in stages)
         self._windowed = tuple((i, cast(WindowedStage, stage)) for i, stage in enumerate(stages)
                                if callable(getattr(stage, "flush", None)))
@@ -187,7 +225,13 @@ class Pipeline:
 
 def build_stage(where: str, table: Mapping[str, Any], context: StageContext) -> Stage:
     """One stage from its config table; ``where`` (``pipelines[i].stages[j]``) prefixes
-    errors."""
+    errors. ``isolate`` and ``timeout_s`` are checked, then left to the pipeline."""
+    return _build_stage(where, table, context)[0]
+
+
+def _build_stage(where: str, table: Mapping[str, Any],
+                 context: StageContext) -> tuple[Stage, str, Isolation | None]:
+    """(the stage, its type name, its isolation or ``None``)."""
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: expected object, got {type(table).__name__}")
     stage_type = table.get("type")
@@ -202,17 +246,42 @@ def build_stage(where: str, table: Mapping[str, Any], context: StageContext) -> 
                               f"{BROKEN_STAGES[stage_type]}")
         raise ConfigError(f"{where}.type: unknown stage {stage_type!r} "
                           f"(known: {', '.join(sorted(STAGES))})")
-    raw = {k: v for k, v in table.items() if k != "type"}
+    isolate = table.get("isolate", False)
+    if not isinstance(isolate, bool):
+        raise ConfigError(f"{where}.isolate: expected bool, got {type(isolate).__name__}")
+    timeout_s = table.get("timeout_s")
+    if timeout_s is not None:
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
+            raise ConfigError(f"{where}.timeout_s: expected number, got "
+                              f"{type(timeout_s).__name__}")
+        if not 0 < timeout_s < math.inf:
+            raise ConfigError(f"{where}.timeout_s: expected > 0")
+        if not isolate:
+            raise ConfigError(f"{where}.timeout_s: only an isolated stage (isolate = true) "
+                              "can be timed out")
+    raw = {k: v for k, v in table.items() if k not in PIPELINE_KEYS}
     try:
         options = msgspec.convert(raw, factory.Options)
     except msgspec.ValidationError as err:
         raise ConfigError(format_validation_error(where, err)) from None
     try:
-        return factory(options, context)
+        stage = factory(options, context)
     except OptionError as err:
         raise ConfigError(f"{where}.{err.field}: {err.message}") from None
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{where}: {err}") from None
+    if not isolate:
+        return stage, stage_type, None
+    if callable(getattr(stage, "flush", None)):
+        raise ConfigError(f"{where}.isolate: stage {stage_type!r} emits on time and keeps its "
+                          "windows in the gateway's process; it cannot be isolated")
+    try:  # a worker process gets them by pickle: the factory must be importable by name
+        pickle.dumps((factory, options))
+    except Exception as err:
+        raise ConfigError(f"{where}.isolate: stage {stage_type!r} cannot be sent to a worker "
+                          f"process: {err}") from None
+    return stage, stage_type, Isolation(factory, options, context,
+                                        float(timeout_s) if timeout_s is not None else None)
 
 
 def build_pipelines(config: Config, context: StageContext) -> dict[str, Pipeline]:
@@ -235,9 +304,11 @@ def build_pipelines(config: Config, context: StageContext) -> dict[str, Pipeline
             raise ConfigError(f"pipelines[{i}].name: {spec.name!r} is already the name of "
                               f"pipelines[{names[spec.name]}]")
         names[spec.name] = i
-        stages = [build_stage(f"pipelines[{i}].stages[{j}]", table, context)
-                  for j, table in enumerate(spec.stages)]
-        pipeline = Pipeline(spec.name, stages, sinks, context.metrics)
+        built = [_build_stage(f"pipelines[{i}].stages[{j}]", table, context)
+                 for j, table in enumerate(spec.stages)]
+        pipeline = Pipeline(spec.name, [stage for stage, _, _ in built], sinks, context.metrics,
+                            stage_types=[name for _, name, _ in built],
+                            isolation=[isolation for _, _, isolation in built])
         if spec.tiers is None:
             if fallback is not None:
                 raise ConfigError(f"pipelines[{i}].tiers: required (pipelines[{fallback_index}]"

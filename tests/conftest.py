@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -18,6 +22,53 @@ from gateway.app import Gateway
 from gateway.config import default_config_path, parse_config
 
 DEFAULT_TOML = default_config_path().read_text()
+CLI = [sys.executable, "-m", "gateway.cli"]
+LISTENING = re.compile(r"MQTT on [\d.]+:(\d+), admin on http://[\d.]+:(\d+)")
+
+
+class Serve(subprocess.Popen[str]):
+    """``iot-gateway serve`` as a real process, its log collected line by line."""
+
+    log_lines: list[str]
+    mqtt_port: int
+    admin_port: int
+
+    def log_text(self) -> str:
+        return "".join(self.log_lines)
+
+
+def start_serve(cwd: Path, *args: str, mqtt: str = "127.0.0.1:0") -> Serve:
+    proc = Serve([*CLI, "serve", "--mqtt-listen", mqtt, "--admin-listen", "127.0.0.1:0", *args],
+                 cwd=cwd, stderr=subprocess.PIPE, text=True)
+    proc.log_lines = []
+    ready = threading.Event()
+
+    def collect() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # drained to the end: the process never blocks on the pipe
+            proc.log_lines.append(line)
+            if m := LISTENING.search(line):
+                proc.mqtt_port, proc.admin_port = int(m[1]), int(m[2])
+                ready.set()
+        proc.stderr.close()
+        ready.set()
+
+    threading.Thread(target=collect, daemon=True).start()
+    ready.wait(30)
+    if not hasattr(proc, "mqtt_port"):
+        proc.kill()
+        raise AssertionError(f"serve did not start (exit {proc.wait()}):\n{proc.log_text()}")
+    return proc
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
+    proc.send_signal(sig)
+    return proc.wait(timeout=30)
+
+
+def admin_get(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return json.loads(r.read())
 
 
 class RunningGateway:

@@ -63,7 +63,8 @@ class MQTTServerProtocol(asyncio.Protocol):
         # Owned by the application: its per-connection classification cache and filters.
         self.topic_cache: dict[str, Any] = {}
         self.subscriptions: set[str] = set()
-        self._pause_reasons = 0  # bit 1: application back-pressure, bit 2: our write buffer
+        self.commits_pending = 0  # group commits that hold this client's messages and acks
+        self._paused_for: set[str] = set()  # why reading is paused: "writes" or the app's reasons
 
     # -- asyncio callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -113,10 +114,10 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.hooks.on_close(self)
 
     def pause_writing(self) -> None:
-        self._pause(2)
+        self._pause("writes")  # the client does not read its acks: stop reading its publishes
 
     def resume_writing(self) -> None:
-        self._resume(2)
+        self._resume("writes")
 
     # -- called by the application and the server --------------------------------------
     def flush(self) -> None:
@@ -124,11 +125,11 @@ class MQTTServerProtocol(asyncio.Protocol):
         if out and self.transport is not None:
             self.transport.write(out)
 
-    def pause_for_backpressure(self, paused: bool) -> None:
+    def pause_for_backpressure(self, paused: bool, reason: str = "backlog") -> None:
         if paused:
-            self._pause(1)
+            self._pause(reason)
         else:
-            self._resume(1)
+            self._resume(reason)
 
     def close(self, reason_code: int | None = None) -> None:
         """Close, first telling an MQTT 5 client why when ``reason_code`` is given."""
@@ -141,13 +142,14 @@ class MQTTServerProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _pause(self, reason: int) -> None:
-        if not self._pause_reasons and self.transport is not None:
+    def _pause(self, reason: str) -> None:
+        if not self._paused_for and self.transport is not None:
             self.transport.pause_reading()
-        self._pause_reasons |= reason
+        self._paused_for.add(reason)
 
-    def _resume(self, reason: int) -> None:
-        was = self._pause_reasons
-        self._pause_reasons &= ~reason
-        if was and not self._pause_reasons and self.transport is not None:
+    def _resume(self, reason: str) -> None:
+        if reason not in self._paused_for:
+            return
+        self._paused_for.discard(reason)
+        if not self._paused_for and self.transport is not None:
             self.transport.resume_reading()

@@ -130,7 +130,7 @@ async def test_backpressure_pauses_above_max_and_resumes_below_resume() -> None:
     signals: list[bool] = []
     processed: list[int] = []
     d = Dispatcher(TIERS, DispatchSection(batch_size=10, slots=1, max_queued=50,
-                                          resume_queued=20),
+                                          resume_queued=20, shed_above=40),
                    lambda lane, batch: processed.append(len(batch)), signals.append)
     for seq in range(60):
         d.put(envelope("standard", seq))

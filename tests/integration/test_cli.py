@@ -3,48 +3,21 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import CLI, start_serve, stop
+
 pytestmark = pytest.mark.integration
-
-CLI = [sys.executable, "-m", "gateway.cli"]
-LISTENING = re.compile(r"MQTT on [\d.]+:(\d+), admin on http://[\d.]+:(\d+)")
-
-
-def start_serve(cwd: Path, *args: str) -> tuple[subprocess.Popen[str], int, int]:
-    proc = subprocess.Popen(
-        [*CLI, "serve", "--mqtt-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *args],
-        cwd=cwd, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if m := LISTENING.search(line):
-            # Keep draining its log so that the process never blocks on a full pipe.
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, int(m[1]), int(m[2])
-    proc.kill()
-    raise AssertionError(f"serve did not report its listeners (exit {proc.wait()})")
-
-
-def stop(proc: subprocess.Popen[str]) -> int:
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=20)
-    assert proc.stderr is not None
-    proc.stderr.close()
-    return code
-
 
 @pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto-clients missing")
 def test_serve_answers_mosquitto_pub_and_drains_on_sigterm(tmp_path: Path) -> None:
-    proc, mqtt_port, _ = start_serve(tmp_path)
+    proc = start_serve(tmp_path)
+    mqtt_port = proc.mqtt_port
     try:
         for qos in (0, 1, 2):
             subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(mqtt_port),
