@@ -124,7 +124,8 @@ class Gateway:
         self.ingest = MQTTIngest(config.gateway.node_id, config.mqtt, config.tiers,
                                  config.dispatch, parts.classifier, self.dispatcher,
                                  self.metrics, wal=self.wal,
-                                 summarise=self.audit.summarise if self.audit else None)
+                                 summarise=self.audit.summarise if self.audit else None,
+                                 max_uncommitted=config.wal.max_uncommitted)
 
     def _build(self, config: Config) -> _Parts:
         """Everything a config determines; raises ConfigError without touching what runs."""
@@ -463,6 +464,7 @@ class Gateway:
         return {
             "received": self.ingest.received,
             "refused": self.ingest.refused,
+            "shed": self.ingest.shed,
             "processed": self.workers.processed,
             "failed": self.workers.failed,
             "pending": self.workers.pending,

@@ -107,6 +107,9 @@ class WALSection(_Base, frozen=True):
     """Longest a record waits for its group commit (the fsync batch window)."""
     max_unretired: PositiveInt = 1_000_000
     """Above this many unretired records, new QoS >= 1 work is refused (MQTT 5: 0x97)."""
+    max_uncommitted: PositiveInt = 50_000
+    """Above this many messages waiting for their group commit, reading from clients pauses
+    until the disk catches up (back-pressure into TCP, not memory)."""
 
 
 class AuditSection(_Base, frozen=True):

@@ -198,7 +198,9 @@ class Dispatcher:
         self.lanes = [Lane(i, t.name, t.guaranteed_share) for i, t in enumerate(tiers)]
         self.lane_by_tier = {lane.name: lane for lane in self.lanes}
         for lane in old:
-            target = self.lane_by_tier.get(lane.name) or self.lane_by_tier[default_tier]
+            target = self.lane_by_tier.get(lane.name)
+            if target is None:
+                target = self.lane_by_tier[default_tier]
             for envelope in lane.items:
                 envelope.tier = target.name
             target.items.extend(lane.items)

@@ -10,7 +10,8 @@ summarised in the audit log). QoS 1/2 messages are appended to the write-ahead l
 acknowledged only once the group commit holding them is on disk; until then the read's
 messages (QoS 0 ones too, to keep each connection's order) wait together. When the WAL
 refuses (too much unretired work, or a failing disk) MQTT 5 clients get PUBACK/PUBREC 0x97
-(quota exceeded) and MQTT 3.1.1 clients, who cannot be told, are paused instead.
+(quota exceeded); MQTT 3.1.1 clients, who cannot be told no, stop being read until the log
+takes work again, and are disconnected if a commit fails (they resend what was not acked).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class MQTTIngest:
     def __init__(self, node_id: str, settings: MQTTListener, tiers: list[Tier],
                  dispatch: DispatchSection, classifier: Classifier, dispatcher: Dispatcher,
                  metrics: Metrics, wal: Durability | None = None,
-                 summarise: Callable[..., None] | None = None) -> None:
+                 summarise: Callable[..., None] | None = None,
+                 max_uncommitted: int = 50_000) -> None:
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.wal = wal
@@ -73,6 +75,7 @@ class MQTTIngest:
         self.accepting = True
         self.received = 0
         self.refused = 0
+        self.shed = 0
         # Ids stay unique across restarts and side-by-side upgrades: node, start time, sequence.
         self._prefix = f"{node_id}-{_base36(time.time_ns() // 1000)}-"
         self._sequence = count(1)
@@ -80,6 +83,9 @@ class MQTTIngest:
         self._connections = metrics.connections.labels("mqtt")
         self._summarise = summarise
         self._wal_paused: set[MQTTServerProtocol] = set()
+        self.uncommitted = 0  # messages waiting for their group commit
+        self._max_uncommitted = max_uncommitted
+        self._commit_pressure = False
         self.configure(settings, tiers, dispatch, classifier)
 
     def configure(self, settings: MQTTListener, tiers: list[Tier], dispatch: DispatchSection,
@@ -104,6 +110,8 @@ class MQTTIngest:
         self._connections.inc()
         if self.dispatcher.pressure:
             client.pause_for_backpressure(True)
+        if self._commit_pressure:
+            client.pause_for_backpressure(True, reason="commit")
 
     def on_close(self, client: MQTTServerProtocol) -> None:
         self.clients.discard(client)
@@ -198,15 +206,26 @@ class MQTTIngest:
                         durable: list[Envelope], acks: list[Publish]) -> None:
         assert self.wal is not None
         if durable and self.wal.refusing:
-            self._refuse(client, acks)
-            waiting = [e for e in waiting if not e.qos]
-            durable, acks = [], []
-            if not client.commits_pending:
-                self.enqueue(waiting)
-                return
+            if client.conn.version == MQTT5:  # say no: the client keeps the message
+                self._refuse(client, acks)
+                waiting = [e for e in waiting if not e.qos]
+                durable, acks = [], []
+                if not client.commits_pending:
+                    self.enqueue(waiting)
+                    return
+            else:
+                # MQTT 3.1.1 cannot be told no: take what this read carried (the limit is
+                # soft) and read nothing more from this client until the log takes work again.
+                self._wal_paused.add(client)
+                client.pause_for_backpressure(True, reason="wal")
 
         def done(error: OSError | None) -> None:
             client.commits_pending -= 1
+            self.uncommitted -= len(waiting)
+            if self._commit_pressure and self.uncommitted <= self._max_uncommitted // 2:
+                self._commit_pressure = False
+                for each in self.clients:
+                    each.pause_for_backpressure(False, reason="commit")
             if error is not None and durable:
                 log.error("write-ahead log commit failed (%s): refusing %d messages from %s",
                           error, len(durable), client.peer)
@@ -220,6 +239,11 @@ class MQTTIngest:
             client.flush()
 
         client.commits_pending += 1
+        self.uncommitted += len(waiting)
+        if self.uncommitted > self._max_uncommitted and not self._commit_pressure:
+            self._commit_pressure = True  # the disk is behind: push back into TCP
+            for each in self.clients:
+                each.pause_for_backpressure(True, reason="commit")
         self.wal.append(durable, done)
 
     def _refuse(self, client: MQTTServerProtocol, acks: list[Publish]) -> None:
@@ -234,10 +258,11 @@ class MQTTIngest:
                 conn.ack(publish, QUOTA_EXCEEDED)
             client.flush()
         else:
-            # MQTT 3.1.1 cannot refuse a PUBLISH: hold the client (it resends what we did not
-            # ack after it reconnects) until the log takes work again.
-            self._wal_paused.add(client)
-            client.pause_for_backpressure(True, reason="wal")
+            # MQTT 3.1.1 has no negative ack: close, so that the client sends again what we
+            # did not acknowledge once it reconnects.
+            log.warning("closing MQTT 3.1.1 client %s: %d messages could not be made durable",
+                        client.peer, len(acks))
+            client.close()
 
     def resume_refused(self) -> None:
         """Called periodically: let paused MQTT 3.1.1 clients go on once the WAL takes work."""
@@ -256,6 +281,7 @@ class MQTTIngest:
 
     def _count_shed(self, counts: dict[str, int]) -> None:
         for tier, n in counts.items():
+            self.shed += n
             self.metrics.messages_shed.labels(tier, "overload").inc(n)
             if self._summarise is not None:
                 self._summarise("shed", tier, n, reason="overload")

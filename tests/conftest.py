@@ -37,10 +37,25 @@ class Serve(subprocess.Popen[str]):
         return "".join(self.log_lines)
 
 
+_serving: list[Serve] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_left_behind() -> Iterator[None]:
+    """A failing test must not leave a gateway process running into the next one."""
+    yield
+    while _serving:
+        proc = _serving.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def start_serve(cwd: Path, *args: str, mqtt: str = "127.0.0.1:0") -> Serve:
     proc = Serve([*CLI, "serve", "--mqtt-listen", mqtt, "--admin-listen", "127.0.0.1:0", *args],
                  cwd=cwd, stderr=subprocess.PIPE, text=True)
     proc.log_lines = []
+    _serving.append(proc)
     ready = threading.Event()
 
     def collect() -> None:

@@ -151,3 +151,22 @@ async def test_drain_yields_to_the_loop_between_slot_rounds() -> None:
     assert sum(rounds) == 20
     await d.wait_idle()
     assert sum(rounds) == 100
+
+
+def test_reconfigure_moves_queued_messages_and_keeps_their_order() -> None:
+    d, _ = make(batch_size=100)
+    for seq in range(5):
+        d.lane_by_tier["bulk"].items.append(envelope("bulk", seq))
+        d.lane_by_tier["premium"].items.append(envelope("premium", 10 + seq))
+    d.queued = 10
+    d.reconfigure([Tier(name="premium", max_latency_ms=100),
+                   Tier(name="standard", max_latency_ms=1000)],
+                  DispatchSection(batch_size=100), default_tier="standard")
+    assert [lane.name for lane in d.lanes] == ["premium", "standard"]
+    premium = d.next_batch()
+    standard = d.next_batch()
+    assert premium is not None and standard is not None
+    assert [e.received_ns for e in premium[1]] == [10, 11, 12, 13, 14]
+    # bulk is gone: its messages moved to the default tier, in order, none lost.
+    assert [(e.tier, e.received_ns) for e in standard[1]] == [("standard", s) for s in range(5)]
+    assert d.next_batch() is None and d.queued == 0
