@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -323,3 +324,30 @@ def test_a_full_disk_refuses_new_qos1_work_and_recovers(tmp_path: Path, tiny_dis
     assert refused >= len(publisher.refused) > 0
     seqs = {p["seq"] for p in lake_payloads(tmp_path)}
     assert publisher.acked <= seqs
+
+
+def test_systemd_notifications_from_a_real_daemon(tmp_path: Path) -> None:
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(sock_path))
+        notify.settimeout(10)
+        env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
+        proc = subprocess.Popen([*CLI, "serve", "--mqtt-listen", "127.0.0.1:0",
+                                 "--admin-listen", "127.0.0.1:0"], cwd=tmp_path, env=env,
+                                stderr=subprocess.DEVNULL)
+        try:
+            messages: list[str] = []
+            while not any("READY=1" in m for m in messages):
+                messages.append(notify.recv(4096).decode())
+            ready = next(m for m in messages if "READY=1" in m)
+            assert "STATUS=serving MQTT on 127.0.0.1:" in ready
+            while "WATCHDOG=1" not in messages[-1]:  # pinged from the event loop
+                messages.append(notify.recv(4096).decode())
+            proc.send_signal(signal.SIGTERM)
+            while "STOPPING=1" not in messages[-1]:
+                messages.append(notify.recv(4096).decode())
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
