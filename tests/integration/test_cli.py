@@ -84,3 +84,19 @@ def test_serve_with_an_invalid_config_exits_2(tmp_path: Path) -> None:
                              capture_output=True, text=True, timeout=20)
     assert missing.returncode == 2
     assert "cannot read" in missing.stderr
+
+
+def test_bench_prints_rates_ratios_and_latency(tmp_path: Path) -> None:
+    """The benchmark command runs end to end (figures are not asserted: the machine is shared)."""
+    result = subprocess.run([*CLI, "bench", "--messages", "4000", "--connections", "2",
+                             "--paced-rate", "2000", "--json"],
+                            capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = {(r["server"], r["qos"]): r for r in json.loads(result.stdout)}
+    for key in [("iot-gateway", 0), ("iot-gateway", 1), ("iot-gateway, paced", 1),
+                ("iot-gateway, no WAL", 1)]:
+        assert runs[key]["messages"] > 0 and runs[key]["rate"] > 0, key
+    assert set(runs[("iot-gateway, paced", 0)]["latency_ms"]) == {
+        "critical", "premium", "standard", "bulk"}
+    if shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists():
+        assert runs[("mosquitto", 1)]["rate"] > 0
