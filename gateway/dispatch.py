@@ -94,11 +94,7 @@ class Dispatcher:
         if self.queued > self.max_queued and not self.pressure:
             self.pressure = True
             self._on_pressure(True)
-        if not self._scheduled:
-            self._scheduled = True
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._drain)
+        self.kick()
 
     def kick(self) -> None:
         """Schedule a drain if work is waiting (processing calls it when it has room again)."""
@@ -182,12 +178,11 @@ class Dispatcher:
         if self.pressure and self.queued < self.resume_queued:
             self.pressure = False
             self._on_pressure(False)
-        if self.queued and not self._scheduled and not blocked:
-            self._scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon(self._drain)
-        elif not self.queued and self._idle is not None:
-            self._idle.set()
+        if not self.queued:
+            if self._idle is not None:
+                self._idle.set()
+        elif not blocked:
+            self.kick()
 
     def reconfigure(self, tiers: list[Tier], settings: DispatchSection,
                     default_tier: str) -> None:
