@@ -40,7 +40,7 @@ from gateway import __version__, systemd
 from gateway.admin import make_app
 from gateway.audit import AuditBusyError, AuditError, AuditLog
 from gateway.classify import Classifier
-from gateway.config import Config, load_config, split_host_port
+from gateway.config import ANOMALY_LANE, Config, Tier, load_config, split_host_port
 from gateway.dispatch import Dispatcher
 from gateway.envelope import Envelope
 from gateway.errors import ConfigError, GatewayError
@@ -52,6 +52,7 @@ from gateway.sinks import Sink, build_sinks
 from gateway.statedir import InstanceDir, release_orphan
 from gateway.wal import WriteAheadLog
 from gateway.workers import Workers
+from policies.anomaly import AnomalyDetector
 from protocols.mqtt.adapter import MQTTServerProtocol
 
 log = logging.getLogger("iotgw")
@@ -76,6 +77,9 @@ class _Parts:
     classifier: Classifier
     sinks: dict[str, Sink]
     pipelines: dict[str, Pipeline]
+    detector: AnomalyDetector | None
+    lanes: list[Tier]
+    """The dispatcher's lanes: the anomaly lane (when triage is configured), then the tiers."""
 
 
 def config_digest(config: Config) -> str:
@@ -116,7 +120,7 @@ class Gateway:
         self.sinks = parts.sinks
         self.workers = Workers(parts.pipelines, self.metrics, config.retry,
                                on_finished=self._finished, audit=self._audit)
-        self.dispatcher = Dispatcher(config.tiers, config.dispatch, self.workers.process,
+        self.dispatcher = Dispatcher(parts.lanes, config.dispatch, self.workers.process,
                                      on_pressure=self._on_pressure,
                                      can_process=lambda: not self.workers.busy)
         self.workers.dispatcher = self.dispatcher
@@ -125,7 +129,9 @@ class Gateway:
                                  config.dispatch, parts.classifier, self.dispatcher,
                                  self.metrics, wal=self.wal,
                                  summarise=self.audit.summarise if self.audit else None,
-                                 max_uncommitted=config.wal.max_uncommitted)
+                                 max_uncommitted=config.wal.max_uncommitted, audit=self._audit)
+        self.ingest.configure(config.mqtt, config.tiers, config.dispatch, parts.classifier,
+                              parts.detector)
 
     def _build(self, config: Config) -> _Parts:
         """Everything a config determines; raises ConfigError without touching what runs."""
@@ -137,7 +143,19 @@ class Gateway:
         pipelines = build_pipelines(config, context)
         classifier = Classifier(config.classify, registry, config.gateway.region,
                                 config.tier_names)
-        return _Parts(config, registry, classifier, sinks, pipelines)
+        detector = None
+        lanes = list(config.tiers)
+        if config.anomaly.detectors:
+            try:
+                detector = AnomalyDetector(config.anomaly)
+            except ValueError as err:
+                raise ConfigError(f"anomaly.{err}") from None
+            # Anomalous messages jump every queue and run the most urgent tier's pipeline.
+            lanes.insert(0, Tier(name=ANOMALY_LANE, max_latency_ms=config.tiers[0].max_latency_ms))
+            served = [pipelines[t] for t in config.tier_names if t in pipelines]
+            if served:
+                pipelines[ANOMALY_LANE] = served[0]
+        return _Parts(config, registry, classifier, sinks, pipelines, detector, lanes)
 
     def _export_queue_depth(self) -> None:
         for lane in self.dispatcher.lanes:
@@ -359,10 +377,12 @@ class Gateway:
         old_sinks = self.sinks
         self.config = new
         self.sinks = parts.sinks
-        self.dispatcher.reconfigure(new.tiers, new.dispatch, default_tier=new.classify.default_tier)
+        self.dispatcher.reconfigure(parts.lanes, new.dispatch,
+                                    default_tier=new.classify.default_tier)
         self._export_queue_depth()
         self.workers.reconfigure(parts.pipelines, new.retry)
-        self.ingest.configure(new.mqtt, new.tiers, new.dispatch, parts.classifier)
+        self.ingest.configure(new.mqtt, new.tiers, new.dispatch, parts.classifier,
+                              parts.detector)
         for name, sink in old_sinks.items():
             if parts.sinks.get(name) is not sink:
                 await _close_sink(name, sink)
@@ -425,6 +445,11 @@ class Gateway:
                 await self._adopt_orphans()
             if now >= next_flush:
                 next_flush = now + SINK_FLUSH_INTERVAL_S
+                detector = self.ingest.detector
+                if detector is not None:  # devices gone silent, anomalies left unacknowledged
+                    later = detector.check_silence(now) + detector.escalations(now)
+                    if later:
+                        self.ingest.raised(later)
                 self.workers.flush_windows(time.time())
                 await self._flush_and_retire()
                 if self.audit is not None:

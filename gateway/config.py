@@ -15,7 +15,12 @@ import msgspec
 from msgspec import Meta, Struct
 
 from gateway.errors import ConfigError
+from policies.anomaly import AnomalySection
+from policies.maintenance import MaintenanceSection
 from protocols.mqtt.topics import compile_topic_filter
+
+# The dispatcher lane ahead of every tier, for messages triage found anomalous.
+ANOMALY_LANE = "anomaly"
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -201,11 +206,15 @@ class Config(_Base, frozen=True):
     wal: WALSection = WALSection()
     audit: AuditSection = AuditSection()
     retry: RetrySection = RetrySection()
+    anomaly: AnomalySection = AnomalySection()
+    maintenance: MaintenanceSection = MaintenanceSection()
 
     def __post_init__(self) -> None:
         if not self.tiers:
             raise ValueError("at least one tier is required")
         names = [t.name for t in self.tiers]
+        if ANOMALY_LANE in names:
+            raise ValueError(f"tier name {ANOMALY_LANE!r} is reserved for the anomaly lane")
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"tier names must be unique, repeated: {sorted(dup)}")

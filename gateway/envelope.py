@@ -37,6 +37,9 @@ class Envelope(msgspec.Struct, gc=False):
     """Attributes added by enrichment (from the device registry)."""
     errors: list[str] | None = None
     """Validation findings; the message is still processed and kept."""
+    anomaly: str = ""
+    """The highest severity triage raised for this message ("" when none): it goes to the
+    anomaly lane, ahead of every tier."""
     sinks: tuple[str, ...] = ()
     """Where the route stage sends it."""
     ack: Any = None

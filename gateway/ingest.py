@@ -22,11 +22,14 @@ from collections.abc import Callable
 from itertools import count
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
+
 from gateway.classify import Classification, Classifier
-from gateway.config import DispatchSection, MQTTListener, Tier
+from gateway.config import ANOMALY_LANE, DispatchSection, MQTTListener, Tier
 from gateway.dispatch import Dispatcher
 from gateway.envelope import Envelope
 from gateway.metrics import Metrics
+from policies.anomaly import Anomaly, AnomalyDetector
 from protocols.mqtt.connection import ConnectRequest, SubscribeRequest, UnsubscribeRequest
 from protocols.mqtt.packets import Publish
 
@@ -40,6 +43,7 @@ NO_SUBSCRIPTION_EXISTED = 0x11
 QUOTA_EXCEEDED = 0x97
 UNSPECIFIED_ERROR = 0x80
 MQTT5 = 5
+SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2, "emergency": 3}
 
 
 def _base36(n: int) -> str:
@@ -67,7 +71,8 @@ class MQTTIngest:
                  dispatch: DispatchSection, classifier: Classifier, dispatcher: Dispatcher,
                  metrics: Metrics, wal: Durability | None = None,
                  summarise: Callable[..., None] | None = None,
-                 max_uncommitted: int = 50_000) -> None:
+                 max_uncommitted: int = 50_000,
+                 audit: Callable[..., None] | None = None) -> None:
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.wal = wal
@@ -86,13 +91,17 @@ class MQTTIngest:
         self.uncommitted = 0  # messages waiting for their group commit
         self._max_uncommitted = max_uncommitted
         self._commit_pressure = False
+        self._audit = audit
+        self.detector: AnomalyDetector | None = None
+        self._decode = msgspec.json.Decoder().decode
         self.configure(settings, tiers, dispatch, classifier)
 
     def configure(self, settings: MQTTListener, tiers: list[Tier], dispatch: DispatchSection,
-                  classifier: Classifier) -> None:
+                  classifier: Classifier, detector: AnomalyDetector | None = None) -> None:
         """Take a (re)loaded config: new rules apply to every connection's next message."""
         self.settings = settings
         self.classifier = classifier
+        self.detector = detector
         self._lanes = {lane.name: lane.items for lane in self.dispatcher.lanes}
         self._deadline_ns = {t.name: int(t.max_latency_ms * 1_000_000) for t in tiers}
         self._rank = {t.name: i for i, t in enumerate(tiers)}
@@ -160,9 +169,10 @@ class MQTTIngest:
         shed_counts: dict[str, int] | None = None
         for publish in batch:
             topic = publish.topic
-            c: Classification | None = cache.get(topic)
-            if c is None:
-                c = self._classify(client, topic)
+            entry: tuple[Classification, bool] | None = cache.get(topic)
+            if entry is None:
+                entry = self._classify(client, topic)
+            c, triage = entry
             tier = c.tier
             qos = publish.qos
             if not qos and tier in shed:
@@ -175,6 +185,8 @@ class MQTTIngest:
                 publish.payload, received_ns, received_at, "mqtt", qos,
                 c.device_class, received_ns + deadlines[tier],
             )
+            if triage:
+                self._triage(envelope)
             waiting.append(envelope)
             if qos:
                 durable.append(envelope)
@@ -199,7 +211,7 @@ class MQTTIngest:
             return
         lanes = self._lanes
         for envelope in envelopes:
-            lanes[envelope.tier].append(envelope)
+            lanes[ANOMALY_LANE if envelope.anomaly else envelope.tier].append(envelope)
         self.dispatcher.accepted(len(envelopes))
 
     def _append_durably(self, client: MQTTServerProtocol, waiting: list[Envelope],
@@ -286,13 +298,46 @@ class MQTTIngest:
             if self._summarise is not None:
                 self._summarise("shed", tier, n, reason="overload")
 
-    def _classify(self, client: MQTTServerProtocol, topic: str) -> Classification:
+    def _classify(self, client: MQTTServerProtocol, topic: str
+                  ) -> tuple[Classification, bool]:
         cache = client.topic_cache
         if len(cache) >= self.settings.max_topic_cache:
             cache.clear()
-        c = cache[topic] = self.classifier.classify(
-            client.conn.client_id or "", client.conn.username, topic)
-        return c
+        c = self.classifier.classify(client.conn.client_id or "", client.conn.username, topic)
+        triage = self.detector is not None and self.detector.applies(c.device_class, topic)
+        entry = cache[topic] = (c, triage)
+        return entry
+
+    # -- anomaly triage, before queueing -----------------------------------------------------
+    def _triage(self, envelope: Envelope) -> None:
+        assert self.detector is not None
+        try:
+            data = self._decode(envelope.payload)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            data = None
+        if isinstance(data, dict):
+            envelope.data = data
+        anomalies = self.detector.check(envelope.device, envelope.data, envelope.device_class,
+                                        envelope.topic, envelope.received_ns / 1e9)
+        if anomalies:
+            envelope.anomaly = max((a.severity for a in anomalies), key=SEVERITY_RANK.__getitem__)
+            self.raised(anomalies, envelope)
+
+    def raised(self, anomalies: list[Anomaly], envelope: Envelope | None = None) -> None:
+        """Count, time and record anomalies (from triage, silence checks or escalation)."""
+        metrics = self.metrics
+        if envelope is not None:
+            metrics.anomaly_detect_latency.observe_many(
+                "all", [time.monotonic_ns() - envelope.received_ns])
+        for anomaly in anomalies:
+            metrics.anomalies.labels(anomaly.severity).inc()
+            log.info("anomaly %s on %s: %s (%s)", anomaly.severity, anomaly.device,
+                     anomaly.reason, anomaly.detector)
+            if self._audit is not None:
+                self._audit("anomaly", detector=anomaly.detector, device=anomaly.device,
+                            severity=anomaly.severity, value=anomaly.value,
+                            reason=anomaly.reason, escalated=anomaly.escalated,
+                            message=envelope.id if envelope is not None else None)
 
     def set_backpressure(self, paused: bool) -> None:
         self.metrics.reading_paused.set(1 if paused else 0)

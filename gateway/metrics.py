@@ -146,6 +146,13 @@ class Metrics:
             registry=r)
         self.reading_paused = Gauge(
             "iotgw_ingest_paused", "1 while reading is paused for back-pressure", registry=r)
+        self.anomalies = Counter(
+            "iotgw_anomalies", "Anomalies raised by triage, silence checks and escalation",
+            ["severity"], registry=r)
+        self.anomaly_detect_latency = LatencyHistogram(
+            "iotgw_anomaly_detect_latency_seconds",
+            "From the first byte read to the anomaly raised", "path")
+        r.register(self.anomaly_detect_latency)
         self.processing_latency = LatencyHistogram(
             "iotgw_processing_latency_seconds",
             "From the first byte read to the end of the pipeline", "tier")

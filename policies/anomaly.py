@@ -439,6 +439,14 @@ class AnomalyDetector:
             rule.grow()
         return slot
 
+    def applies(self, device_class: str, topic: str) -> bool:
+        """Whether any detector looks at messages of this class on this topic (callers cache
+        it per topic, so that other messages skip triage and its payload decode)."""
+        rules = self._by_class.get(device_class)
+        if rules is None:
+            rules = self._rules_for_class(device_class)
+        return any(r.topic_re is None or r.topic_re.match(topic) is not None for r in rules)
+
     def check(self, device: str, data: dict[str, Any] | None, device_class: str = "",
               topic: str = "", now: float = 0.0) -> list[Anomaly] | None:
         """Anomalies raised by this message (``None`` when there are none)."""

@@ -138,6 +138,8 @@ def config_text(tmp_path: Path, extra: str = "", base: str = DEFAULT_TOML) -> st
     """The built-in config, writing under ``tmp_path``, listening on free loopback ports."""
     text = base.replace('"./data/lake"', json.dumps(str(tmp_path / "lake")))
     text = text.replace('"./data/state"', json.dumps(str(tmp_path / "state")))
+    text = text.replace('"./data/audit"', json.dumps(str(tmp_path / "audit")))
+    text = text.replace('"./data/dead-letter"', json.dumps(str(tmp_path / "dead-letter")))
     return text + "\n" + extra
 
 
