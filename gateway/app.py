@@ -40,7 +40,7 @@ from gateway import __version__, systemd
 from gateway.admin import make_app
 from gateway.audit import AuditBusyError, AuditError, AuditLog
 from gateway.classify import Classifier
-from gateway.config import ANOMALY_LANE, Config, Tier, load_config, split_host_port
+from gateway.config import ANOMALY_LANES, Config, Tier, load_config, split_host_port
 from gateway.dispatch import Dispatcher
 from gateway.envelope import Envelope
 from gateway.errors import ConfigError, GatewayError
@@ -79,7 +79,7 @@ class _Parts:
     pipelines: dict[str, Pipeline]
     detector: AnomalyDetector | None
     lanes: list[Tier]
-    """The dispatcher's lanes: the anomaly lane (when triage is configured), then the tiers."""
+    """The dispatcher's lanes: the anomaly lanes (when triage is configured), then the tiers."""
 
 
 def config_digest(config: Config) -> str:
@@ -150,11 +150,13 @@ class Gateway:
                 detector = AnomalyDetector(config.anomaly)
             except ValueError as err:
                 raise ConfigError(f"anomaly.{err}") from None
-            # Anomalous messages jump every queue and run the most urgent tier's pipeline.
-            lanes.insert(0, Tier(name=ANOMALY_LANE, max_latency_ms=config.tiers[0].max_latency_ms))
+            # Anomalous messages jump every queue, most severe first, and run the most urgent
+            # tier's pipeline.
+            urgent = config.tiers[0].max_latency_ms
+            lanes[:0] = [Tier(name=lane, max_latency_ms=urgent) for lane in ANOMALY_LANES.values()]
             served = [pipelines[t] for t in config.tier_names if t in pipelines]
             if served:
-                pipelines[ANOMALY_LANE] = served[0]
+                pipelines.update(dict.fromkeys(ANOMALY_LANES.values(), served[0]))
         return _Parts(config, registry, classifier, sinks, pipelines, detector, lanes)
 
     def _export_queue_depth(self) -> None:

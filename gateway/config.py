@@ -19,8 +19,10 @@ from policies.anomaly import AnomalySection
 from policies.maintenance import MaintenanceSection
 from protocols.mqtt.topics import compile_topic_filter
 
-# The dispatcher lane ahead of every tier, for messages triage found anomalous.
-ANOMALY_LANE = "anomaly"
+# The dispatcher lanes ahead of every tier, for messages triage found anomalous: one per
+# severity, most severe first, so that anomalies are served in severity order.
+ANOMALY_LANES = {severity: f"anomaly-{severity}"
+                 for severity in ("emergency", "critical", "warning", "info")}
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -213,8 +215,9 @@ class Config(_Base, frozen=True):
         if not self.tiers:
             raise ValueError("at least one tier is required")
         names = [t.name for t in self.tiers]
-        if ANOMALY_LANE in names:
-            raise ValueError(f"tier name {ANOMALY_LANE!r} is reserved for the anomaly lane")
+        reserved = sorted(set(names) & set(ANOMALY_LANES.values()))
+        if reserved:
+            raise ValueError(f"tier names {reserved} are reserved for the anomaly lanes")
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"tier names must be unique, repeated: {sorted(dup)}")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 import msgspec
 
 from gateway.classify import Classification, Classifier
-from gateway.config import ANOMALY_LANE, DispatchSection, MQTTListener, Tier
+from gateway.config import ANOMALY_LANES, DispatchSection, MQTTListener, Tier
 from gateway.dispatch import Dispatcher
 from gateway.envelope import Envelope
 from gateway.metrics import Metrics
@@ -211,7 +211,8 @@ class MQTTIngest:
             return
         lanes = self._lanes
         for envelope in envelopes:
-            lanes[ANOMALY_LANE if envelope.anomaly else envelope.tier].append(envelope)
+            severity = envelope.anomaly
+            lanes[ANOMALY_LANES[severity] if severity else envelope.tier].append(envelope)
         self.dispatcher.accepted(len(envelopes))
 
     def _append_durably(self, client: MQTTServerProtocol, waiting: list[Envelope],

@@ -61,7 +61,7 @@ def test_an_anomalous_reading_is_raised_timed_audited_and_processed_first(
         metrics = triage.metrics()
     assert metric(metrics, 'iotgw_anomalies_total{severity="critical"}') == 1
     assert metric(metrics, 'iotgw_anomaly_detect_latency_seconds_count{path="all"}') == 1
-    assert metric(metrics, 'iotgw_messages_processed_total{tier="anomaly"}') == 1
+    assert metric(metrics, 'iotgw_messages_processed_total{tier="anomaly-critical"}') == 1
     assert metric(metrics, 'iotgw_messages_processed_total{tier="critical"}') == 3
     # Detected within a few milliseconds of the first byte read (upper bucket bound).
     assert 'iotgw_anomaly_detect_latency_seconds_bucket{le="0.01",path="all"} 1.0' in metrics
@@ -88,3 +88,38 @@ def test_a_device_gone_silent_is_raised_by_the_timer(triage: RunningGateway) -> 
         while 'iotgw_anomalies_total{severity="warning"} 1.0' not in triage.metrics():
             assert time.monotonic() < deadline, "silence not detected"
             time.sleep(0.1)
+
+
+SEVERITIES = """
+[[anomaly.detectors]]
+name = "warm"
+kind = "threshold"
+field = "t"
+above = 50
+severity = "warning"
+
+[[anomaly.detectors]]
+name = "burning"
+kind = "threshold"
+field = "t"
+above = 100
+severity = "emergency"
+"""
+
+
+def test_anomalies_are_served_in_severity_order_ahead_of_routine_work(
+        gateway_factory: Callable[..., RunningGateway], tmp_path: Path) -> None:
+    gw = gateway_factory(SEVERITIES)
+    # One write, so that all of it is queued before the dispatcher picks anything.
+    with connect(gw.mqtt_port, "boiler") as s:
+        s.sendall(frame("medical/routine", b'{"t": 20}')  # critical tier, but routine
+                  + frame("plant/boiler", b'{"t": 60}')  # a warning
+                  + frame("plant/boiler", b'{"t": 150}'))  # an emergency (and a warning)
+        gw.wait_processed(3)
+
+    def lake() -> list[dict]:
+        return [json.loads(line) for p in sorted((tmp_path / "lake").rglob("*.jsonl"))
+                for line in p.read_text().splitlines()]
+
+    gw.wait_for(lambda: len(lake()) >= 3)
+    assert [r["payload"]["t"] for r in lake()] == [150, 60, 20]
