@@ -5,15 +5,18 @@ gives the base (device → tenant, tier, class, home region); then the first con
 whose conditions all hold overrides the fields it names. Rules match shell globs on device,
 client id, username and tenant, and an MQTT topic filter on the topic.
 
-Results depend only on (client id, username, topic), so the MQTT adapter caches them per
-connection by topic: the steady state costs one dict lookup per message.
+Without payload conditions, results depend only on (client id, username, topic), so the
+MQTT adapter caches them per connection by topic: the steady state costs one dict lookup per
+message. A topic that a rule with payload conditions (``match.payload``) could apply to gets
+a ``PayloadRules`` instead: the candidate rules in order, each with its result worked out,
+so that per message only the decoded payload's fields are compared.
 """
 
 from __future__ import annotations
 
 import re
 from fnmatch import fnmatchcase
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from gateway.config import ClassifySection, Match, Rule
 from gateway.registry import DeviceRegistry
@@ -43,6 +46,37 @@ def _matches(m: Match, topic_filter: re.Pattern[str] | None, device: str, client
     )
 
 
+_MISSING = object()
+
+
+def _payload_holds(conditions: dict[str, Any], data: dict[str, Any] | None) -> bool:
+    if data is None:
+        return False
+    for field, wanted in conditions.items():
+        value = data.get(field, _MISSING)
+        # JSON true is not 1: booleans only equal booleans.
+        if value != wanted or (type(value) is bool) != (type(wanted) is bool):
+            return False
+    return True
+
+
+class PayloadRules:
+    """One topic's candidate rules whose choice depends on the payload; first match wins."""
+
+    __slots__ = ("base", "candidates")
+
+    def __init__(self, base: Classification,
+                 candidates: list[tuple[dict[str, Any] | None, Classification]]) -> None:
+        self.base = base
+        self.candidates = candidates
+
+    def resolve(self, data: dict[str, Any] | None) -> Classification:
+        for conditions, result in self.candidates:
+            if conditions is None or _payload_holds(conditions, data):
+                return result
+        return self.base
+
+
 class Classifier:
     def __init__(self, section: ClassifySection, registry: DeviceRegistry, region: str,
                  tiers: list[str]) -> None:
@@ -63,23 +97,40 @@ class Classifier:
                 return levels[level]
         return client_id
 
-    def classify(self, client_id: str, username: str | None, topic: str) -> Classification:
+    def plan(self, client_id: str, username: str | None, topic: str
+             ) -> Classification | PayloadRules:
+        """The classification of this sender and topic, or, when a rule with payload
+        conditions could apply, the ``PayloadRules`` that decide per message."""
         device = self.device_of(client_id, topic)
         s = self.section
-        tenant, tier, device_class, region = s.default_tenant, s.default_tier, "", self.region
+        base = Classification(device, s.default_tenant, s.default_tier, "", self.region)
         info = self.registry.record(device)
         if info is not None:
-            tenant = info.tenant or tenant
-            tier = info.tier or tier
-            device_class = info.device_class or device_class
-            region = info.region or region
+            base = self._checked(Classification(
+                device, info.tenant or base.tenant, info.tier or base.tier,
+                info.device_class or base.device_class, info.region or base.region))
+        candidates: list[tuple[dict[str, Any] | None, Classification]] = []
         for rule, topic_filter in self.rules:
-            if _matches(rule.match, topic_filter, device, client_id, username, topic, tenant):
-                tenant = rule.tenant or tenant
-                tier = rule.tier or tier
-                device_class = rule.device_class or device_class
-                region = rule.region or region
+            if not _matches(rule.match, topic_filter, device, client_id, username, topic,
+                            base.tenant):
+                continue
+            result = self._checked(Classification(
+                device, rule.tenant or base.tenant, rule.tier or base.tier,
+                rule.device_class or base.device_class, rule.region or base.region))
+            if rule.match.payload is None:
+                if not candidates:
+                    return result
+                candidates.append((None, result))
                 break
-        if tier not in self.tiers:  # a registry naming a tier this config lacks
-            tier = s.default_tier
-        return Classification(device, tenant, tier, device_class, region)
+            candidates.append((dict(rule.match.payload), result))
+        return PayloadRules(base, candidates) if candidates else base
+
+    def classify(self, client_id: str, username: str | None, topic: str,
+                 data: dict[str, Any] | None = None) -> Classification:
+        plan = self.plan(client_id, username, topic)
+        return plan if isinstance(plan, Classification) else plan.resolve(data)
+
+    def _checked(self, c: Classification) -> Classification:
+        if c.tier not in self.tiers:  # a registry naming a tier this config lacks
+            return c._replace(tier=self.section.default_tier)
+        return c

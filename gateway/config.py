@@ -144,8 +144,12 @@ class Match(_Base, frozen=True):
     client_id: str | None = None
     topic: str | None = None
     tenant: str | None = None
+    payload: dict[str, str | int | float | bool] | None = None
+    """Top-level fields of the JSON payload and the values they must equal."""
 
     def __post_init__(self) -> None:
+        if self.payload is not None and not self.payload:
+            raise ValueError("payload: give at least one field, or leave it out")
         if self.topic is not None:
             compile_topic_filter(self.topic)  # raises ValueError naming what is wrong
 

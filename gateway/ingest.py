@@ -20,11 +20,11 @@ import logging
 import time
 from collections.abc import Callable
 from itertools import count
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from gateway.classify import Classification, Classifier
+from gateway.classify import Classification, Classifier, PayloadRules
 from gateway.config import ANOMALY_LANES, DispatchSection, MQTTListener, Tier
 from gateway.dispatch import Dispatcher
 from gateway.envelope import Envelope
@@ -169,10 +169,16 @@ class MQTTIngest:
         shed_counts: dict[str, int] | None = None
         for publish in batch:
             topic = publish.topic
-            entry: tuple[Classification, bool] | None = cache.get(topic)
+            entry: tuple[Classification | PayloadRules, bool] | None = cache.get(topic)
             if entry is None:
                 entry = self._classify(client, topic)
-            c, triage = entry
+            plan, triage = entry
+            data: dict[str, Any] | None = None
+            if type(plan) is Classification:
+                c = plan
+            else:  # rules on payload fields apply to this topic: decide per message
+                data = self._decode_object(publish.payload)
+                c = plan.resolve(data)  # type: ignore[union-attr]
             tier = c.tier
             qos = publish.qos
             if not qos and tier in shed:
@@ -185,6 +191,8 @@ class MQTTIngest:
                 publish.payload, received_ns, received_at, "mqtt", qos,
                 c.device_class, received_ns + deadlines[tier],
             )
+            if data is not None:
+                envelope.data = data
             if triage:
                 self._triage(envelope)
             waiting.append(envelope)
@@ -300,24 +308,30 @@ class MQTTIngest:
                 self._summarise("shed", tier, n, reason="overload")
 
     def _classify(self, client: MQTTServerProtocol, topic: str
-                  ) -> tuple[Classification, bool]:
+                  ) -> tuple[Classification | PayloadRules, bool]:
         cache = client.topic_cache
         if len(cache) >= self.settings.max_topic_cache:
             cache.clear()
-        c = self.classifier.classify(client.conn.client_id or "", client.conn.username, topic)
-        triage = self.detector is not None and self.detector.applies(c.device_class, topic)
-        entry = cache[topic] = (c, triage)
+        plan = self.classifier.plan(client.conn.client_id or "", client.conn.username, topic)
+        classes = ([plan.device_class] if isinstance(plan, Classification)
+                   else [plan.base.device_class, *(c.device_class for _, c in plan.candidates)])
+        detector = self.detector
+        triage = detector is not None and any(detector.applies(dc, topic) for dc in classes)
+        entry = cache[topic] = (plan, triage)
         return entry
+
+    def _decode_object(self, payload: bytes) -> dict[str, Any] | None:
+        try:
+            data = self._decode(payload)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
 
     # -- anomaly triage, before queueing -----------------------------------------------------
     def _triage(self, envelope: Envelope) -> None:
         assert self.detector is not None
-        try:
-            data = self._decode(envelope.payload)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            data = None
-        if isinstance(data, dict):
-            envelope.data = data
+        if envelope.data is None:
+            envelope.data = self._decode_object(envelope.payload)
         anomalies = self.detector.check(envelope.device, envelope.data, envelope.device_class,
                                         envelope.topic, envelope.received_ns / 1e9)
         if anomalies:

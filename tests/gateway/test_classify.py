@@ -66,3 +66,28 @@ def test_device_id_from_a_topic_level() -> None:
     assert c.classify("gateway-box", None, "devices/sensor-42/temp").device == "sensor-42"
     # Too short a topic falls back to the client id.
     assert c.classify("gateway-box", None, "devices").device == "gateway-box"
+
+
+def test_payload_field_rules_decide_per_message_in_rule_order() -> None:
+    rules = [
+        Rule(match=Match(topic="factory/#", payload={"alarm": True}), tier="critical"),
+        Rule(match=Match(topic="factory/#", payload={"mode": "maintenance"}), tier="bulk"),
+        Rule(match=Match(topic="factory/#"), tier="premium"),
+        Rule(match=Match(topic="factory/#", payload={"alarm": False}), tier="bulk"),
+    ]
+    c = classifier(rules)
+    assert c.classify("d", None, "factory/1", {"alarm": True, "t": 3}).tier == "critical"
+    assert c.classify("d", None, "factory/1", {"mode": "maintenance"}).tier == "bulk"
+    # The first rule without payload conditions ends the search: later rules never apply.
+    assert c.classify("d", None, "factory/1", {"alarm": False}).tier == "premium"
+    assert c.classify("d", None, "factory/1", None).tier == "premium"  # not JSON
+    # JSON 1 is not true.
+    assert c.classify("d", None, "factory/1", {"alarm": 1}).tier == "premium"
+    # Topics no payload rule can apply to are decided once, without the payload.
+    assert c.plan("d", None, "other/1") == c.classify("d", None, "other/1")
+
+
+def test_payload_rules_fall_back_to_the_registry_and_defaults() -> None:
+    c = classifier([Rule(match=Match(payload={"sos": True}), tier="critical")])
+    assert c.classify("d", None, "any", {"sos": True}).tier == "critical"
+    assert c.classify("d", None, "any", {"sos": False}).tier == "standard"

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -181,3 +182,26 @@ def test_many_messages_from_many_clients_are_all_processed(gateway: RunningGatew
         c.disconnect()
     assert gateway.stats()["received"] == 2000
     assert 'iotgw_messages_processed_total{tier="standard"} 2000.0' in gateway.metrics()
+
+
+PAYLOAD_RULE = """
+[[classify.rules]]
+match = { topic = "factory/#", payload = { alarm = true } }
+tier = "critical"
+"""
+
+
+def test_a_payload_field_rule_classifies_each_message(
+        gateway_factory: Callable[..., RunningGateway], tmp_path: Path) -> None:
+    # Rules are tried in order; the built-in rules come first and none matches factory/#.
+    gw = gateway_factory(PAYLOAD_RULE)
+    client = paho_client(4, "press-1")
+    connect(client, gw.mqtt_port)
+    for payload in (b'{"alarm": true, "p": 7}', b'{"alarm": false}', b"not json"):
+        client.publish("factory/press-1", payload, qos=1).wait_for_publish(5)
+    records = wait_records(gw, tmp_path, 3)
+    client.loop_stop()
+    client.disconnect()
+    tiers = {json.dumps(r["payload"]): r["tier"] for r in records}
+    assert tiers == {'{"alarm": true, "p": 7}': "critical", '{"alarm": false}': "standard",
+                     json.dumps(base64.b64encode(b"not json").decode()): "standard"}
