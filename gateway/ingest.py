@@ -245,8 +245,7 @@ class MQTTIngest:
             self.uncommitted -= len(waiting)
             if self._commit_pressure and self.uncommitted <= self._max_uncommitted // 2:
                 self._commit_pressure = False
-                for each in self.clients:
-                    each.pause_for_backpressure(False, reason="commit")
+                self._pause_all(False, "commit")
             if error is not None and durable:
                 log.error("write-ahead log commit failed (%s): refusing %d messages from %s",
                           error, len(durable), client.peer)
@@ -263,8 +262,7 @@ class MQTTIngest:
         self.uncommitted += len(waiting)
         if self.uncommitted > self._max_uncommitted and not self._commit_pressure:
             self._commit_pressure = True  # the disk is behind: push back into TCP
-            for each in self.clients:
-                each.pause_for_backpressure(True, reason="commit")
+            self._pause_all(True, "commit")
         self.wal.append(durable, done)
 
     def _refuse(self, client: MQTTServerProtocol, acks: list[Publish]) -> None:
@@ -332,8 +330,7 @@ class MQTTIngest:
         assert self.detector is not None
         if envelope.data is None:
             envelope.data = self._decode_object(envelope.payload)
-        anomalies = self.detector.check(envelope.device, envelope.data, envelope.device_class,
-                                        envelope.topic, envelope.received_ns / 1e9)
+        anomalies = self.detector.check_envelope(envelope, envelope.received_ns / 1e9)
         if anomalies:
             envelope.anomaly = max((a.severity for a in anomalies), key=SEVERITY_RANK.__getitem__)
             self.raised(anomalies, envelope)
@@ -358,6 +355,9 @@ class MQTTIngest:
         self.metrics.reading_paused.set(1 if paused else 0)
         if paused:
             self.metrics.ingest_pauses.inc()
+        self._pause_all(paused, "backlog")
+
+    def _pause_all(self, paused: bool, reason: str) -> None:
         for client in self.clients:
-            client.pause_for_backpressure(paused)
+            client.pause_for_backpressure(paused, reason=reason)
 

@@ -167,7 +167,7 @@ class NullSink:
 # jsonl: the data lake
 
 
-class _Record(msgspec.Struct, omit_defaults=True, gc=False):
+class SinkRecord(msgspec.Struct, omit_defaults=True, gc=False):
     """One line of the data lake."""
 
     id: str
@@ -241,16 +241,16 @@ class JsonLinesSink:
     # -- the hot path ---------------------------------------------------------------------
 
     def write(self, batch: list[Envelope]) -> None:
-        groups: dict[tuple[str, int], list[_Record]] = {}
+        groups: dict[tuple[str, int], list[SinkRecord]] = {}
         decode = self._decoder.decode
-        record = _Record
+        record = SinkRecord
         second, second_text = self._second, self._second_text
         last_at = -1.0
         stamp = ""
         hour = -1
         last_region: str | None = None
         last_hour = -1
-        current: list[_Record] = []
+        current: list[SinkRecord] = []
         for env in batch:
             at = env.received_at
             if at != last_at:  # messages of one socket read share their timestamp
@@ -292,7 +292,7 @@ class JsonLinesSink:
             if len(partition.pending) >= self._buffer_bytes and not self._failing:
                 self._drain(key, partition)
 
-    def _encode_each(self, records: list[_Record], batch: list[Envelope]) -> bytes:
+    def _encode_each(self, records: list[SinkRecord], batch: list[Envelope]) -> bytes:
         """The slow path when some record's data cannot be encoded: keep it as base64."""
         out = bytearray()
         raw_payloads: dict[str, bytes] | None = None

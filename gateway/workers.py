@@ -72,7 +72,7 @@ from gateway.pipeline import (
     WindowedStage,
 )
 from gateway.registry import DeviceInfo, DeviceRegistry
-from gateway.sinks import _Record, build_sinks
+from gateway.sinks import SinkRecord, build_sinks
 
 log = logging.getLogger("iotgw.workers")
 
@@ -150,7 +150,7 @@ class _Error(msgspec.Struct, frozen=True):
     message: str
 
 
-class _DeadLetter(_Record, kw_only=True):
+class _DeadLetter(SinkRecord, kw_only=True):
     """A data-lake record (``gateway.sinks``) plus why the message could not be processed."""
 
     stage: str
