@@ -149,6 +149,29 @@ class Metrics:
         self.anomalies = Counter(
             "iotgw_anomalies", "Anomalies raised by triage, silence checks and escalation",
             ["severity"], registry=r)
+        self.preemptions = Counter(
+            "iotgw_preemptions", "Routine batches that yielded their slot to anomalous work at "
+            "a stage boundary (requeued with their progress kept)", ["tier"], registry=r)
+        self.shed = Counter(
+            "iotgw_messages_shed", "QoS 0 messages dropped by policy: past their tier's "
+            "deadline when dispatched (reason late)", ["tier", "reason"], registry=r)
+        self.alerts = Counter(
+            "iotgw_alerts", "Alerts sent for raised anomalies", ["channel", "severity"],
+            registry=r)
+        self.alert_failures = Counter(
+            "iotgw_alert_failures", "Alerts that could not be delivered (after their retries)",
+            ["channel"], registry=r)
+        self.maintenance_reserved_slots = Gauge(
+            "iotgw_maintenance_reserved_slots", "Dispatcher slots reserved for maintenance now",
+            registry=r)
+        self.maintenance_decisions = Counter(
+            "iotgw_maintenance_decisions", "Maintenance admission decisions (grant, shrink, "
+            "grow, pause, resume, defer, skip, complete, cancel)", ["action"], registry=r)
+        self.maintenance_steps = Counter(
+            "iotgw_maintenance_steps", "Slices of maintenance work run", ["task"], registry=r)
+        self.maintenance_tasks = Counter(
+            "iotgw_maintenance_tasks", "Maintenance tasks ended (outcome: done, failed)",
+            ["task", "outcome"], registry=r)
         self.anomaly_detect_latency = LatencyHistogram(
             "iotgw_anomaly_detect_latency_seconds",
             "From the first byte read to the anomaly raised", "path")

@@ -40,10 +40,10 @@ from __future__ import annotations
 
 import builtins
 import math
-from collections.abc import Callable
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
-from typing import Annotated, Literal, Protocol, runtime_checkable
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 import msgspec
 from croniter import croniter  # type: ignore[import-untyped]
@@ -89,6 +89,8 @@ class Reservation(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froz
     min_slots: Annotated[int, msgspec.Meta(ge=0)]
     max_slots: Annotated[int, msgspec.Meta(ge=1)]
     max_defer_s: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Passed to the task's constructor."""
 
     def __post_init__(self) -> None:
         if (self.start is None) == (self.cron is None):
@@ -339,15 +341,21 @@ ENTRY_POINT_GROUP = "iot_gateway.maintenance_tasks"
 
 @runtime_checkable
 class MaintenanceTask(Protocol):
-    """A housekeeping job (WAL compaction, audit rotation, index rebuild …).
+    """A housekeeping job (WAL compaction, audit rotation, index rebuild …), run in slices.
 
-    ``run`` uses at most ``slots`` workers and returns soon after ``should_pause()``
-    turns true; it is resumed later with possibly different ``slots``.
+    The gateway builds one with ``TASKS[name](options)`` (``options``: the reservation's
+    ``options`` table) when its window is granted, then advances ``steps(context)`` one
+    ``next()`` per maintenance slot the dispatcher grants it, on the event loop, after
+    anomaly and critical work has been served. Each slice must be short (aim for ≤ 1 ms of
+    loop time): blocking I/O belongs in a thread, whose future the generator polls. A slice
+    yields ``None`` when more work is ready, or a float: seconds until the next slice is
+    worth running (waiting for a thread). Returning ends the task; raising fails it (logged,
+    audited). A paused window simply stops calling ``next()``: progress is kept.
     """
 
     name: str
 
-    async def run(self, slots: int, should_pause: Callable[[], bool]) -> None: ...
+    def steps(self, context: Any) -> Iterator[float | None]: ...
 
 
 TASKS: dict[str, type] = {}
