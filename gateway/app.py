@@ -40,8 +40,8 @@ from gateway import __version__, systemd
 from gateway.admin import make_app
 from gateway.audit import AuditBusyError, AuditError, AuditLog
 from gateway.classify import Classifier
-from gateway.config import ANOMALY_LANES, Config, Tier, load_config, split_host_port
-from gateway.dispatch import Dispatcher
+from gateway.config import ANOMALY_LANES, Config, load_config, split_host_port
+from gateway.dispatch import Dispatcher, Lane
 from gateway.envelope import Envelope
 from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import MQTTIngest
@@ -78,8 +78,8 @@ class _Parts:
     sinks: dict[str, Sink]
     pipelines: dict[str, Pipeline]
     detector: AnomalyDetector | None
-    lanes: list[Tier]
-    """The dispatcher's lanes: the anomaly lanes (when triage is configured), then the tiers."""
+    anomaly_lanes: tuple[str, ...]
+    """The dispatcher's anomaly lanes, most severe first (when triage is configured)."""
 
 
 def config_digest(config: Config) -> str:
@@ -120,9 +120,11 @@ class Gateway:
         self.sinks = parts.sinks
         self.workers = Workers(parts.pipelines, self.metrics, config.retry,
                                on_finished=self._finished, audit=self._audit)
-        self.dispatcher = Dispatcher(parts.lanes, config.dispatch, self.workers.process,
+        self.dispatcher = Dispatcher(config.tiers, config.dispatch, self.workers.process,
                                      on_pressure=self._on_pressure,
-                                     can_process=lambda: not self.workers.busy)
+                                     can_process=lambda: not self.workers.busy,
+                                     anomaly_lanes=parts.anomaly_lanes,
+                                     preempt=self.workers.preempt, on_shed=self._shed_late)
         self.workers.dispatcher = self.dispatcher
         self._export_queue_depth()
         self.ingest = MQTTIngest(config.gateway.node_id, config.mqtt, config.tiers,
@@ -144,7 +146,7 @@ class Gateway:
         classifier = Classifier(config.classify, registry, config.gateway.region,
                                 config.tier_names)
         detector = None
-        lanes = list(config.tiers)
+        anomaly_lanes: tuple[str, ...] = ()
         if config.anomaly.detectors:
             try:
                 detector = AnomalyDetector(config.anomaly)
@@ -152,12 +154,11 @@ class Gateway:
                 raise ConfigError(f"anomaly.{err}") from None
             # Anomalous messages jump every queue, most severe first, and run the most urgent
             # tier's pipeline.
-            urgent = config.tiers[0].max_latency_ms
-            lanes[:0] = [Tier(name=lane, max_latency_ms=urgent) for lane in ANOMALY_LANES.values()]
+            anomaly_lanes = tuple(ANOMALY_LANES.values())
             served = [pipelines[t] for t in config.tier_names if t in pipelines]
             if served:
                 pipelines.update(dict.fromkeys(ANOMALY_LANES.values(), served[0]))
-        return _Parts(config, registry, classifier, sinks, pipelines, detector, lanes)
+        return _Parts(config, registry, classifier, sinks, pipelines, detector, anomaly_lanes)
 
     def _export_queue_depth(self) -> None:
         for lane in self.dispatcher.lanes:
@@ -379,8 +380,9 @@ class Gateway:
         old_sinks = self.sinks
         self.config = new
         self.sinks = parts.sinks
-        self.dispatcher.reconfigure(parts.lanes, new.dispatch,
-                                    default_tier=new.classify.default_tier)
+        self.dispatcher.reconfigure(new.tiers, new.dispatch,
+                                    default_tier=new.classify.default_tier,
+                                    anomaly_lanes=parts.anomaly_lanes)
         self._export_queue_depth()
         self.workers.reconfigure(parts.pipelines, new.retry)
         self.ingest.configure(new.mqtt, new.tiers, new.dispatch, parts.classifier,
@@ -394,6 +396,13 @@ class Gateway:
         return True
 
     # -- processing results ----------------------------------------------------------------
+    def _shed_late(self, lane: Lane, envelopes: list[Envelope]) -> None:
+        """QoS 0 messages of a ``late = "shed"`` tier, past their deadline: dropped, counted."""
+        self.metrics.messages_shed.labels(lane.name, "late").inc(len(envelopes))
+        if self.audit is not None:
+            self.audit.summarise("shed", f"{lane.name}/late", len(envelopes), tier=lane.name,
+                                 reason="late")
+
     def _finished(self, envelopes: list[Envelope]) -> None:
         """Their pipeline is done; retire their WAL records once the sinks have flushed them."""
         if self.wal is not None:

@@ -79,8 +79,15 @@ class Tier(_Base, frozen=True):
     max_latency_ms: Annotated[float, Meta(gt=0)]
     guaranteed_share: Share = 0.0
     """Fraction of dispatches this tier gets whenever it has work waiting."""
+    weight: Annotated[float, Meta(ge=0)] = 0.0
+    """Claim on the spare capacity (what the guaranteed shares leave), divided by weight
+    among the tiers with work waiting; with no weights it goes to the most urgent tier."""
     shed_qos0: bool = True
-    """QoS 0 messages of this tier may be shed when the gateway is past its limits."""
+    """Excess work: QoS 0 messages of this tier may be shed when the gateway is past its
+    limits (QoS >= 1 is never shed: it is pushed back or refused)."""
+    late: Literal["process", "shed"] = "process"
+    """Late work: ``shed`` drops QoS 0 messages still queued past ``max_latency_ms`` (counted
+    in ``iotgw_messages_shed_total{reason="late"}``); QoS >= 1 is always processed."""
 
 
 class DispatchSection(_Base, frozen=True):
@@ -95,6 +102,9 @@ class DispatchSection(_Base, frozen=True):
     """Above this many queued messages, reading from clients pauses (back-pressure)."""
     resume_queued: PositiveInt = 100_000
     """Reading resumes when the queue falls back below this."""
+    routine_floor: Annotated[float, Meta(ge=0, le=1)] = 0.2
+    """Fraction of dispatches routine tiers keep while anomalies alone exceed capacity; also
+    the share of slots preemption leaves to routine work."""
 
     def __post_init__(self) -> None:
         if self.resume_queued >= self.max_queued:

@@ -2,21 +2,41 @@
 
 Theory of operation
 -------------------
-One lane per tier, in the configured order (the first tier is the most urgent). Inside a
-lane, earliest deadline first; since a lane's deadline is ``received_ns`` plus one constant
-and the single event loop stamps ``received_ns`` in increasing order, EDF inside a lane is
-plain FIFO, and a lane is a ``deque`` (O(1) in and out, messages of one device stay in order).
+Lanes: the anomaly lanes (one per severity, most severe first) ▸ one lane per tier, in the
+configured order (the first tier is the most urgent). Inside a lane, earliest deadline first;
+since a lane's deadline is ``received_ns`` plus one constant and the single event loop stamps
+``received_ns`` in increasing order, EDF inside a lane is plain FIFO, and a lane is a
+``deque`` (O(1) in and out, messages of one device stay in order).
 
-Between lanes, strict priority tempered by guaranteed shares, served as late as possible.
-Every dispatched message earns each lane with work waiting ``share`` credit; a lane pays one
-credit per message it is served. Keeping every credit within one batch means a tier with
-work always waiting gets at least ``share × n - batch_size`` of any ``n`` dispatched
-messages, so no tier starves. Before each batch the dispatcher checks the slack: could the
-most urgent lane take this batch and every share still be met later (an EDF demand test over
-the lanes' future due points, counted in batches)? If so it does; if not, the lane whose
-share falls due first is served. A lower tier therefore never runs ahead of a higher one
-except to honour its share. A lane that runs empty forfeits its credit: shares are not
-banked while idle.
+Two levels decide which lane is served, both with the same rule, *strict priority tempered
+by guaranteed shares, served as late as possible*:
+
+1. Anomalies before routine work: the anomaly lanes are served in severity order ahead of
+   every tier, but while routine work waits it keeps ``routine_floor`` of the dispatches,
+   so anomalies beyond capacity cannot starve it.
+2. Between tiers: every routine dispatch earns each tier with work waiting its ``share``
+   credit; a tier pays one credit per message it is served. Keeping every credit within one
+   batch means a tier with work always waiting gets at least ``share × n - batch_size`` of
+   any ``n`` routine messages dispatched, so no tier starves. A tier's share is its
+   ``guaranteed_share`` plus, when some tiers have a ``weight``, the spare capacity (what
+   the guaranteed shares of the tiers waiting leave) divided by weight among the waiting
+   tiers that have one; with no weights the spare capacity goes to the most urgent tier.
+
+Before each batch the dispatcher checks the slack: could the most urgent candidate take this
+batch and every share still be met later (an EDF demand test over the candidates' future due
+points, counted in batches)? If so it does; if not, the one whose share falls due first is
+served. A lower tier therefore never runs ahead of a higher one except to honour its share.
+A lane that runs empty forfeits its credit: shares are not banked while idle.
+
+Preempted work (a routine batch that yielded its slot to an anomaly at a stage boundary,
+``requeue``) goes back to the front of its lane and is resumed, progress kept, when the lane
+is served next. A tier with ``late = "shed"`` drops the QoS 0 messages that are past their
+deadline when their batch is taken (``on_shed``; never QoS ≥ 1: they were acknowledged).
+
+Maintenance: while a reservation holds slots, each drain gives up to that many of its slots
+to maintenance slices (``set_maintenance``), but only in place of a routine batch of an
+unprotected tier, or when nothing waits: never in place of anomaly or protected (critical)
+work.
 
 Ingest appends to lanes and calls ``kick()``; one drain is scheduled per loop turn at most
 (no task, future or lock per message). A drain hands at most ``slots`` batches to the
@@ -26,14 +46,17 @@ Above ``max_queued`` waiting messages the dispatcher asks ingest to pause readin
 
 Processing may hold batches beyond a drain (isolated stages, retries): while its
 ``can_process()`` says no, a drain hands out nothing more and does not reschedule itself;
-processing calls ``kick()`` once it has room again.
+processing calls ``kick()`` once it has room again. If anomalies wait meanwhile, the drain
+asks processing to preempt (``preempt(batches wanted)``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 
 from gateway.config import DispatchSection, Tier
 from gateway.envelope import Envelope
@@ -47,20 +70,75 @@ MAX_LOOKAHEAD_BATCHES = 256
 
 
 class Lane:
-    __slots__ = ("credit", "index", "items", "name", "share")
+    __slots__ = ("credit", "index", "items", "late_ns", "name", "resumed", "share", "weight")
 
-    def __init__(self, index: int, name: str, share: float) -> None:
+    def __init__(self, index: int, name: str, share: float = 0.0, weight: float = 0.0,
+                 late_ns: int | None = None) -> None:
         self.index = index
         self.name = name
         self.share = share
+        self.weight = weight
+        self.late_ns = late_ns
+        """Set when the tier sheds QoS 0 messages past their deadline: its max latency."""
         self.credit = 0.0
         self.items: deque[Envelope] = deque()
+        self.resumed: deque[tuple[int, Callable[[], None]]] = deque()
+        """Preempted work to resume before the lane's new items: (messages, resume)."""
 
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def waiting(self) -> bool:
+        return bool(self.items or self.resumed)
+
+
+class _Group:
+    """The routine tiers as one candidate against the anomaly lanes."""
+
+    __slots__ = ("credit", "index")
+
+    def __init__(self) -> None:
+        self.credit = 0.0
+        self.index = 1
+
 
 ProcessBatch = Callable[[Lane, list[Envelope]], None]
+
+
+def _share_due(candidates: Sequence[tuple[Lane | _Group, float]], unit: float,
+               ) -> Lane | _Group | None:
+    """The candidate whose share must be served now, or None if there is slack.
+
+    Time is counted in batches of ``unit`` messages. A candidate with credit c and share s
+    must have been served ``ceil(c / unit + s × k - 1)`` more batches within the next k.
+    Walking the candidates' due points in order (EDF), if the demand up to some point leaves
+    no batch to spare, the candidate that falls due first is served now; otherwise the most
+    urgent one is. Demand grows by ``sum(shares) < 1`` batch per batch, so past the horizon
+    nothing can fall short.
+    """
+    sharing = [(c, s) for c, s in candidates if s > 0.0]
+    if not sharing:
+        return None
+    total = sum(s for _, s in sharing)
+    owed = sum(max(c.credit, 0.0) for c, _ in sharing) / unit + len(sharing) + 1
+    horizon = (int(owed / (1.0 - total)) + 2 if total < 1.0 - SHARE_SLACK
+               else MAX_LOOKAHEAD_BATCHES)
+    points: list[tuple[int, int, Lane | _Group]] = []
+    for candidate, share in sharing:
+        credit = candidate.credit / unit
+        j = 0
+        while True:  # the j-th batch falls due at the first k with credit+share*k-1 > j
+            k = max(1, int((j + 1.0 - credit) / share + EPSILON) + 1)
+            if k > horizon:
+                break
+            points.append((k, candidate.index, candidate))
+            j += 1
+    points.sort(key=lambda point: (point[0], point[1]))
+    for demand, (k, _, _) in enumerate(points, start=1):
+        if k - demand < 1:  # no batch to spare for priority
+            return points[0][2]
+    return None
 
 
 class Dispatcher:
@@ -71,21 +149,46 @@ class Dispatcher:
         process: ProcessBatch,
         on_pressure: Callable[[bool], None] = lambda paused: None,
         can_process: Callable[[], bool] | None = None,
+        *,
+        anomaly_lanes: Sequence[str] = (),
+        preempt: Callable[[int], None] | None = None,
+        on_shed: Callable[[Lane, list[Envelope]], None] | None = None,
     ) -> None:
-        self.lanes = [Lane(i, t.name, t.guaranteed_share) for i, t in enumerate(tiers)]
-        self.lane_by_tier = {lane.name: lane for lane in self.lanes}
-        self.batch_size = settings.batch_size
-        self.slots = settings.slots
-        self.max_queued = settings.max_queued
-        self.resume_queued = settings.resume_queued
         self._process = process
         self._on_pressure = on_pressure
         self._can_process = can_process
+        self._preempt = preempt
+        self._on_shed = on_shed
+        self._routine_group = _Group()
+        self._maintenance: Callable[[], bool] | None = None
+        self._maintenance_ready = False
+        self.maintenance_slots = 0
+        self.protected: frozenset[str] = frozenset()
+        """Tiers whose work maintenance never takes a slot from (besides the anomaly lanes)."""
         self.queued = 0
         self.pressure = False
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
+        self._configure(tiers, settings, anomaly_lanes)
+
+    def _configure(self, tiers: list[Tier], settings: DispatchSection,
+                   anomaly_lanes: Sequence[str]) -> None:
+        self.anomaly_lanes = [Lane(i, name) for i, name in enumerate(anomaly_lanes)]
+        base = len(self.anomaly_lanes)
+        self.routine_lanes = [
+            Lane(base + i, t.name, t.guaranteed_share, t.weight,
+                 int(t.max_latency_ms * 1e6) if t.late == "shed" else None)
+            for i, t in enumerate(tiers)]
+        self.lanes = self.anomaly_lanes + self.routine_lanes
+        self.lane_by_tier = {lane.name: lane for lane in self.lanes}
+        self._weighted = any(lane.weight > 0.0 for lane in self.routine_lanes)
+        self.batch_size = settings.batch_size
+        self.slots = settings.slots
+        self.max_queued = settings.max_queued
+        self.resume_queued = settings.resume_queued
+        self.routine_floor = settings.routine_floor
+        self._routine_group.credit = 0.0
 
     # -- ingest side -------------------------------------------------------------------
     def accepted(self, count: int) -> None:
@@ -98,7 +201,7 @@ class Dispatcher:
 
     def kick(self) -> None:
         """Schedule a drain if work is waiting (processing calls it when it has room again)."""
-        if self.queued and not self._scheduled:
+        if (self.queued or self._maintenance_ready) and not self._scheduled:
             self._scheduled = True
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
@@ -109,89 +212,161 @@ class Dispatcher:
         self.lane_by_tier[envelope.tier].items.append(envelope)
         self.accepted(1)
 
+    def requeue(self, tier: str, count: int, resume: Callable[[], None]) -> None:
+        """Preempted work of ``count`` messages goes back to the front of its tier's lane;
+        ``resume()`` is called when the lane is served next."""
+        self.lane_by_tier[tier].resumed.append((count, resume))
+        self.accepted(count)
+
+    def set_maintenance(self, slots: int, run_slice: Callable[[], bool] | None) -> None:
+        """Give maintenance up to ``slots`` slots per drain (0 or None: none); ``run_slice()``
+        runs one slice of its work and says whether another one is ready now. Once it said
+        no, ``maintenance_ready()`` says when it is."""
+        self.maintenance_slots = slots if run_slice is not None else 0
+        self._maintenance = run_slice if slots else None
+        self._maintenance_ready = self._maintenance is not None
+        self.kick()
+
+    def maintenance_ready(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance_ready = True
+            self.kick()
+
     # -- scheduling ----------------------------------------------------------------------
-    def next_batch(self) -> tuple[Lane, list[Envelope]] | None:
-        """Choose the next lane (priority, unless a share falls due) and take a batch from it."""
-        waiting = [lane for lane in self.lanes if lane.items]
-        if not waiting:
+    def choose(self) -> Lane | None:
+        """The lane to serve next: anomalies first, unless the routine floor falls due;
+        among the tiers, priority, unless a share falls due."""
+        urgent = None
+        for lane in self.anomaly_lanes:
+            if lane.waiting:
+                urgent = lane
+                break
+        routine = [lane for lane in self.routine_lanes if lane.waiting]
+        if urgent is not None:
+            if not routine or self.routine_floor <= 0.0:
+                return urgent
+            if _share_due(((self._routine_group, self.routine_floor),),
+                          float(self.batch_size)) is None:
+                return urgent
+        if not routine:
             return None
-        chosen = waiting[0]
-        if len(waiting) > 1:
-            chosen = self._share_due(waiting) or chosen
-        items = chosen.items
-        n = min(self.batch_size, len(items))
-        batch = [items.popleft() for _ in range(n)]
-        for lane in waiting:
-            lane.credit += lane.share * n
+        if len(routine) == 1:
+            return routine[0]
+        due = _share_due(self._shares(routine), float(self.batch_size))
+        return due if isinstance(due, Lane) else routine[0]
+
+    def _shares(self, waiting: list[Lane]) -> list[tuple[Lane, float]]:
+        if not self._weighted:
+            return [(lane, lane.share) for lane in waiting]
+        weights = sum(lane.weight for lane in waiting)
+        if weights <= 0.0:
+            return [(lane, lane.share) for lane in waiting]
+        spare = max(0.0, 1.0 - sum(lane.share for lane in waiting))
+        return [(lane, lane.share + spare * lane.weight / weights) for lane in waiting]
+
+    def _charge(self, chosen: Lane, n: int) -> None:
+        """Credit bookkeeping for ``n`` messages served from ``chosen``."""
+        routine = [lane for lane in self.routine_lanes if lane.waiting]
+        group = self._routine_group
+        if chosen.index < len(self.anomaly_lanes):
+            group.credit = group.credit + self.routine_floor * n if routine else 0.0
+            return
+        if any(lane.waiting for lane in self.anomaly_lanes):
+            group.credit += self.routine_floor * n - n
+        else:
+            group.credit = 0.0
+        if chosen not in routine:
+            routine.append(chosen)
+        for lane, share in self._shares(routine):
+            lane.credit += share * n
         chosen.credit -= n
-        for lane in waiting:
-            if not lane.items:
+
+    def _settle_credits(self) -> None:
+        for lane in self.routine_lanes:
+            if not lane.waiting:
                 lane.credit = 0.0
-        self.queued -= n
-        return chosen, batch
 
-    def _share_due(self, waiting: list[Lane]) -> Lane | None:
-        """The lane whose guaranteed share must be served now, or None if there is slack.
-
-        Time is counted in batches. Lane i must have been served ``ceil(credit_i / batch +
-        share_i × k - 1)`` more batches within the next k. Walking the lanes' due points in
-        order (EDF), if the demand up to some point leaves no batch to spare, the lane that
-        falls due first is served now; otherwise the most urgent lane is. Demand grows by
-        ``sum(shares) < 1`` batch per batch, so past the horizon nothing can fall short.
-        """
-        unit = float(self.batch_size)
-        sharing = [lane for lane in waiting if lane.share > 0.0]
-        if not sharing:
+    def next_batch(self) -> tuple[Lane, list[Envelope]] | None:
+        """Choose the next lane and take a batch of new messages from it (preempted work
+        waiting in a lane is resumed by the drain, not returned here)."""
+        lane = self.choose()
+        if lane is None:
             return None
-        total = sum(lane.share for lane in sharing)
-        owed = sum(max(lane.credit, 0.0) for lane in sharing) / unit + len(sharing) + 1
-        horizon = (int(owed / (1.0 - total)) + 2 if total < 1.0 - SHARE_SLACK
-                   else MAX_LOOKAHEAD_BATCHES)
-        points: list[tuple[int, int, Lane]] = []
-        for lane in sharing:
-            credit, share = lane.credit / unit, lane.share
-            j = 0
-            while True:  # the j-th batch falls due at the first k with credit+share*k-1 > j
-                k = max(1, int((j + 1.0 - credit) / share + EPSILON) + 1)
-                if k > horizon:
-                    break
-                points.append((k, lane.index, lane))
-                j += 1
-        points.sort(key=lambda point: (point[0], point[1]))
-        for demand, (k, _, _) in enumerate(points, start=1):
-            if k - demand < 1:  # no batch to spare for priority
-                return points[0][2]
-        return None
+        return lane, self._take(lane)
+
+    def _take(self, lane: Lane) -> list[Envelope]:
+        items = lane.items
+        n = min(self.batch_size, len(items))
+        self._charge(lane, n)
+        batch = [items.popleft() for _ in range(n)]
+        self._settle_credits()
+        self.queued -= n
+        if lane.late_ns is not None and self._on_shed is not None:
+            too_old = time.monotonic_ns() - lane.late_ns
+            if batch and batch[0].received_ns < too_old:  # oldest first: none late otherwise
+                late = [e for e in batch if e.received_ns < too_old and not e.qos]
+                if late:
+                    batch = [e for e in batch if e.received_ns >= too_old or e.qos]
+                    self._on_shed(lane, late)
+        return batch
+
+    def _resume(self, lane: Lane) -> None:
+        count, resume = lane.resumed.popleft()
+        self._charge(lane, count)
+        self._settle_credits()
+        self.queued -= count
+        resume()
 
     def _drain(self) -> None:
         self._scheduled = False
         can_process = self._can_process
         blocked = False
+        maintenance = self._maintenance
+        budget = self.maintenance_slots if self._maintenance_ready else 0
+        protected = self.protected
         for _ in range(self.slots):
             if can_process is not None and not can_process():
                 blocked = True  # processing will kick() when it has room
                 break
-            picked = self.next_batch()
-            if picked is None:
+            lane = self.choose()
+            if budget and (lane is None or (lane.index >= len(self.anomaly_lanes)
+                                            and lane.name not in protected)):
+                budget -= 1
+                assert maintenance is not None
+                if not maintenance():
+                    self._maintenance_ready = False
+                    budget = 0
+                continue
+            if lane is None:
                 break
-            self._process(*picked)
+            if lane.resumed:
+                self._resume(lane)
+                continue
+            batch = self._take(lane)
+            if batch:
+                self._process(lane, batch)
+        if blocked and self._preempt is not None:
+            urgent = sum(len(lane) for lane in self.anomaly_lanes)
+            if urgent:
+                self._preempt(math.ceil(urgent / self.batch_size))
         if self.pressure and self.queued < self.resume_queued:
             self.pressure = False
             self._on_pressure(False)
         if not self.queued:
             if self._idle is not None:
                 self._idle.set()
+            if budget and not blocked:
+                self.kick()  # maintenance still has slices ready
         elif not blocked:
             self.kick()
 
     def reconfigure(self, tiers: list[Tier], settings: DispatchSection,
-                    default_tier: str) -> None:
+                    default_tier: str, anomaly_lanes: Sequence[str] = ()) -> None:
         """Take a reloaded config: new lanes, queued messages moved over in order.
 
         A message whose tier is gone goes to ``default_tier``; credits start afresh."""
         old = self.lanes
-        self.lanes = [Lane(i, t.name, t.guaranteed_share) for i, t in enumerate(tiers)]
-        self.lane_by_tier = {lane.name: lane for lane in self.lanes}
+        self._configure(tiers, settings, anomaly_lanes)
         for lane in old:
             target = self.lane_by_tier.get(lane.name)
             if target is None:
@@ -199,10 +374,11 @@ class Dispatcher:
             for envelope in lane.items:
                 envelope.tier = target.name
             target.items.extend(lane.items)
-        self.batch_size = settings.batch_size
-        self.slots = settings.slots
-        self.max_queued = settings.max_queued
-        self.resume_queued = settings.resume_queued
+            target.resumed.extend(lane.resumed)
+
+    def protect(self, tiers: Collection[str]) -> None:
+        """Maintenance never takes a slot in place of these tiers' work."""
+        self.protected = frozenset(tiers)
 
     async def wait_idle(self) -> None:
         """Return once every queued message has been handed to processing."""

@@ -92,7 +92,8 @@ class Metrics:
             "iotgw_messages_processed", "Messages through the whole pipeline", ["tier"],
             registry=r)
         self.messages_shed = Counter(
-            "iotgw_messages_shed", "QoS 0 messages dropped under overload, never silently",
+            "iotgw_messages_shed", "QoS 0 messages dropped, never silently (reason: overload, "
+            "or late: past the deadline of a tier with late = \"shed\")",
             ["tier", "reason"], registry=r)
         self.messages_refused = Counter(
             "iotgw_messages_refused", "QoS >= 1 messages refused (not acknowledged) under overload",
@@ -152,9 +153,6 @@ class Metrics:
         self.preemptions = Counter(
             "iotgw_preemptions", "Routine batches that yielded their slot to anomalous work at "
             "a stage boundary (requeued with their progress kept)", ["tier"], registry=r)
-        self.shed = Counter(
-            "iotgw_messages_shed", "QoS 0 messages dropped by policy: past their tier's "
-            "deadline when dispatched (reason late)", ["tier", "reason"], registry=r)
         self.alerts = Counter(
             "iotgw_alerts", "Alerts sent for raised anomalies", ["channel", "severity"],
             registry=r)

@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -113,7 +114,7 @@ class _Retry:
 class _Job:
     """A batch (or one retried message) that left the synchronous path."""
 
-    __slots__ = ("batch", "held", "originals", "plan", "retry", "stage", "tier")
+    __slots__ = ("batch", "held", "originals", "plan", "preempt", "retry", "stage", "tier")
 
     def __init__(self, plan: _Plan, tier: str, batch: list[Envelope], stage: int,
                  originals: list[Envelope], retry: _Retry | None, held: bool) -> None:
@@ -124,6 +125,7 @@ class _Job:
         self.originals = originals  # the envelopes to finish when the job is done
         self.retry = retry
         self.held = held  # a dispatched batch: it holds one slot of capacity
+        self.preempt = False  # yield the slot at the next stage boundary
 
 
 class _Plan:
@@ -320,6 +322,8 @@ class Workers:
         self._latency = metrics.processing_latency
         self._loop: asyncio.AbstractEventLoop | None = None
         self._held_jobs = 0  # dispatched batches off the synchronous path
+        self._held: set[_Job] = set()  # ... those batches
+        self._preempted = 0  # messages of batches that yielded, waiting to be resumed
         self._held_messages = 0  # ... the messages they hold in isolated stages
         self._loose = 0  # messages on the retry path (including unwritten dead letters)
         self._unwritten: list[_Retry] = []
@@ -381,7 +385,7 @@ class Workers:
     @property
     def pending(self) -> int:
         """Messages waiting for a retry or in isolated stages (not yet finished)."""
-        return self._held_messages + self._loose
+        return self._held_messages + self._loose + self._preempted
 
     @property
     def busy(self) -> bool:
@@ -423,8 +427,10 @@ class Workers:
             self._no_pipeline(tier, batch)
             return
         if plan.isolated is not None:
+            job = _Job(plan, tier, batch, 0, batch, None, True)
             self._held_jobs += 1
-            self._step(_Job(plan, tier, batch, 0, batch, None, True))
+            self._held.add(job)
+            self._step(job)
             return
         n = len(batch)
         items = batch
@@ -499,6 +505,50 @@ class Workers:
         if job.held:
             job.held = False
             self._held_jobs -= 1
+            self._held.discard(job)
+
+    # -- preemption ----------------------------------------------------------------------
+
+    def preempt(self, wanted: int) -> None:
+        """Anomalies wait and every slot is busy: mark up to ``wanted`` held routine batches,
+        lowest tier first, to yield their slot at their next stage boundary. Routine work
+        keeps ``ceil(routine_floor × slots)`` slots."""
+        dispatcher = self.dispatcher
+        if dispatcher is None or not self._held:
+            return
+        urgent = {lane.name for lane in dispatcher.anomaly_lanes}
+        routine = [job for job in self._held if job.tier not in urgent]
+        marked = sum(job.preempt for job in routine)
+        floor = math.ceil(dispatcher.routine_floor * dispatcher.slots)
+        more = min(wanted - marked, len(routine) - marked - floor)
+        if more <= 0:
+            return
+        rank = {lane.name: lane.index for lane in dispatcher.routine_lanes}
+        candidates = sorted((job for job in routine if not job.preempt),
+                            key=lambda job: rank.get(job.tier, 0), reverse=True)
+        for job in candidates[:more]:
+            job.preempt = True
+
+    def _yield(self, job: _Job) -> None:
+        """``job`` reached a stage boundary with its preempt mark: free its slot and go back
+        to the front of its lane, progress kept; the dispatcher resumes it."""
+        assert self.dispatcher is not None
+        job.preempt = False
+        self._end(job)
+        for env in job.batch:
+            env.stage = job.stage
+        self.metrics.preemptions.labels(job.tier).inc()
+        n = max(len(job.originals), 1)
+        self._preempted += n
+        self.dispatcher.requeue(job.tier, n, lambda: self._resume(job, n))
+        self._settle()
+
+    def _resume(self, job: _Job, n: int) -> None:
+        self._preempted -= n
+        job.held = True
+        self._held_jobs += 1
+        self._held.add(job)
+        self._step(job)
 
     async def _isolated(self, job: _Job) -> None:
         items, stage = job.batch, job.stage
@@ -519,6 +569,9 @@ class Workers:
         assert result is not None
         job.batch = _adopt(items, result)
         job.stage = stage + 1
+        if job.preempt and job.held and job.stage < len(job.plan.processes):
+            self._yield(job)
+            return
         self._step(job)
 
     async def _run_isolated(self, key: int, timeout: float, items: list[Envelope],

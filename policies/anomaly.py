@@ -551,12 +551,12 @@ class AnomalyDetector:
                 if (after is None or rec.acked or rec.severity >= emergency
                         or now - rec.changed_at < after):
                     continue
+                waited = now - rec.changed_at
                 rec.severity += 1
                 rec.changed_at = now
                 out.append(Anomaly(detector=cfg.name, device=device,
                                    severity=SEVERITIES[rec.severity], value=rec.value,
-                                   reason=f"unacknowledged for {now - rec.changed_at:.0f}s: "
-                                          f"{rec.reason}",
+                                   reason=f"unacknowledged for {waited:.0f}s: {rec.reason}",
                                    raised_at=now, escalated=True))
             if not records:
                 del self._active[device]

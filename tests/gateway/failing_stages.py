@@ -82,6 +82,9 @@ class SleepyOptions(_Options):
     field: str = "slow"
     """Sleep on a batch with a message whose data has this field true, or as many seconds
     as it says if it is a number."""
+    log: str = ""
+    """Append "<tag> <id>" for each message it processed to this file (counts runs)."""
+    tag: str = ""
 
 
 class SleepyStage:
@@ -93,6 +96,8 @@ class SleepyStage:
     def __init__(self, options: SleepyOptions, context: Any) -> None:
         self.seconds = options.seconds
         self.field = options.field
+        self.log = options.log
+        self.tag = options.tag
 
     def process(self, batch: list[Envelope]) -> list[Envelope]:
         for env in batch:
@@ -103,6 +108,9 @@ class SleepyStage:
         for env in batch:
             if type(env.data) is dict:
                 env.data["pid"] = os.getpid()
+        if self.log:
+            with open(self.log, "a") as file:
+                file.writelines(f"{self.tag} {env.id}\n" for env in batch)
         return batch
 
 
@@ -126,6 +134,9 @@ class KillOnceStage:
         for env in batch:
             if type(env.data) is dict:
                 env.data["pid"] = os.getpid()
+        if self.log:
+            with open(self.log, "a") as file:
+                file.writelines(f"{self.tag} {env.id}\n" for env in batch)
         return batch
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import failing_stages
+import msgspec
 import pytest
 from failing_stages import CALLS
 
@@ -714,3 +715,70 @@ async def test_the_worker_process_side_builds_each_stage_once(
     finally:
         gateway.workers._CHILD_RECIPES.pop(key, None)
         gateway.workers._CHILD_STAGES.pop(key, None)
+
+
+# ----------------------------------------------------------------------------------------
+# preemption: a routine batch yields its slot to an anomaly at its next stage boundary
+
+
+async def test_a_routine_batch_yields_to_an_anomaly_and_resumes_where_it_stopped(
+        rig: Callable[..., Rig], tmp_path: Path) -> None:
+    runs = tmp_path / "runs.log"
+    stage = ('{{type = "sleepy", isolate = true, seconds = 1.0, log = {log}, tag = "{tag}"}}')
+    stages = ("[" + ", ".join([
+        '{type = "decode"}',
+        stage.format(log=json.dumps(str(runs)), tag="first"),
+        stage.format(log=json.dumps(str(runs)), tag="second"),
+        '{type = "route", sinks = ["lake"]}']) + "]")
+    r = rig(stages, slots=2, batch_size=2, tiers=None)
+    urgent = "anomaly-critical"
+    r.workers.reconfigure({**r.pipelines, urgent: r.pipelines[TIER]}, r.config.retry)
+    settings = msgspec.structs.replace(r.config.dispatch, routine_floor=0.0)
+    dispatcher = Dispatcher(r.config.tiers, settings, r.workers.process,
+                            can_process=lambda: not r.workers.busy,
+                            anomaly_lanes=[urgent], preempt=r.workers.preempt)
+    r.workers.dispatcher = dispatcher
+    bulk = [message("bulk", slow=True) for _ in range(4)]  # two batches, one per slot
+    for env in bulk:
+        dispatcher.put(env)
+    await asyncio.sleep(0.3)  # both batches are in their first (slow) stage
+    anomaly = message(urgent)
+    dispatcher.put(anomaly)
+    deadline = time.monotonic() + 30
+    while len(r.finished) < 5:
+        assert time.monotonic() < deadline, r.finished
+        await asyncio.sleep(0.01)
+    # The anomaly did not wait for a bulk batch to finish: one yielded its slot after its
+    # first stage, and the anomaly finished first.
+    assert r.finished[0] == anomaly.id
+    assert r.metric("iotgw_preemptions_total", tier="bulk") == 1
+    # Every bulk message ran each stage exactly once: the preempted batch resumed at its
+    # second stage, its first was not run again.
+    lines = runs.read_text().split("\n")[:-1]
+    for env in bulk:
+        assert lines.count(f"first {env.id}") == 1 and lines.count(f"second {env.id}") == 1
+    assert sorted(r.finished) == sorted(e.id for e in [*bulk, anomaly])
+    assert set(await r.lake()) == {e.id for e in [*bulk, anomaly]}
+
+
+async def test_preemption_leaves_routine_work_its_floor(rig: Callable[..., Rig]) -> None:
+    r = rig(isolated("sleepy").replace("OPTIONS", "seconds = 0.5"), slots=2, batch_size=1,
+            tiers=None)
+    urgent = "anomaly-critical"
+    r.workers.reconfigure({**r.pipelines, urgent: r.pipelines[TIER]}, r.config.retry)
+    settings = msgspec.structs.replace(r.config.dispatch, routine_floor=0.5)
+    dispatcher = Dispatcher(r.config.tiers, settings, r.workers.process,
+                            can_process=lambda: not r.workers.busy,
+                            anomaly_lanes=[urgent], preempt=r.workers.preempt)
+    r.workers.dispatcher = dispatcher
+    for _ in range(2):
+        dispatcher.put(message("bulk", slow=True))
+    await asyncio.sleep(0.1)
+    for _ in range(5):
+        dispatcher.put(message(urgent))
+    deadline = time.monotonic() + 30
+    while len(r.finished) < 7:
+        assert time.monotonic() < deadline, r.finished
+        await asyncio.sleep(0.01)
+    # Half the two slots stay with routine work: one of the two bulk batches yields, no more.
+    assert r.metric("iotgw_preemptions_total", tier="bulk") == 1
