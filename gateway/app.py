@@ -52,6 +52,7 @@ from gateway.sinks import Sink, build_sinks
 from gateway.statedir import InstanceDir, release_orphan
 from gateway.wal import WriteAheadLog
 from gateway.workers import Workers
+from policies.alerts import Alerter
 from policies.anomaly import AnomalyDetector
 from protocols.mqtt.adapter import MQTTServerProtocol
 
@@ -61,6 +62,7 @@ SERVER_SHUTTING_DOWN = 0x8B
 KEEP_ALIVE_TIMEOUT = 0x8D
 HOUSEKEEPING_INTERVAL_S = 0.5
 SINK_FLUSH_INTERVAL_S = 1.0
+ALERT_CLOSE_TIMEOUT_S = 2.0  # how long queued webhook alerts may delay a reload or a stop
 ADOPT_INTERVAL_S = 5.0  # how often to look for the logs of daemons that have exited
 
 # Settings a reload cannot change: they need a restart (a side-by-side upgrade does it).
@@ -80,6 +82,7 @@ class _Parts:
     detector: AnomalyDetector | None
     anomaly_lanes: tuple[str, ...]
     """The dispatcher's anomaly lanes, most severe first (when triage is configured)."""
+    alerter: Alerter | None
 
 
 def config_digest(config: Config) -> str:
@@ -134,6 +137,7 @@ class Gateway:
                                  max_uncommitted=config.wal.max_uncommitted, audit=self._audit)
         self.ingest.configure(config.mqtt, config.tiers, config.dispatch, parts.classifier,
                               parts.detector)
+        self.ingest.alerter = parts.alerter
 
     def _build(self, config: Config) -> _Parts:
         """Everything a config determines; raises ConfigError without touching what runs."""
@@ -158,7 +162,17 @@ class Gateway:
             served = [pipelines[t] for t in config.tier_names if t in pipelines]
             if served:
                 pipelines.update(dict.fromkeys(ANOMALY_LANES.values(), served[0]))
-        return _Parts(config, registry, classifier, sinks, pipelines, detector, anomaly_lanes)
+        alerter = None
+        if detector is not None:
+            alerter = Alerter(config.anomaly.escalation.by_severity(),
+                              publish=self._publish_alert, audit=self._audit,
+                              alerts=self.metrics.alerts, failures=self.metrics.alert_failures,
+                              node=config.gateway.node_id)
+        return _Parts(config, registry, classifier, sinks, pipelines, detector, anomaly_lanes,
+                      alerter)
+
+    def _publish_alert(self, topic: str, payload: bytes) -> None:
+        self.ingest.publish_local(topic, payload)
 
     def _export_queue_depth(self) -> None:
         for lane in self.dispatcher.lanes:
@@ -347,6 +361,8 @@ class Gateway:
                         "in the write-ahead log for the next start", left)
         await self._flush_and_retire(close=True)
         self.workers.close()
+        if self.ingest.alerter is not None:  # webhooks still queued: a last chance
+            await self.ingest.alerter.close(min(remaining(), ALERT_CLOSE_TIMEOUT_S))
         self._audit("stopped", processed=self.workers.processed, left_unprocessed=left)
         await self._run_unwind()
         log.info("stopped: %d messages processed", self.workers.processed)
@@ -387,6 +403,9 @@ class Gateway:
         self.workers.reconfigure(parts.pipelines, new.retry)
         self.ingest.configure(new.mqtt, new.tiers, new.dispatch, parts.classifier,
                               parts.detector)
+        old_alerter, self.ingest.alerter = self.ingest.alerter, parts.alerter
+        if old_alerter is not None:
+            await old_alerter.close(ALERT_CLOSE_TIMEOUT_S)
         for name, sink in old_sinks.items():
             if parts.sinks.get(name) is not sink:
                 await _close_sink(name, sink)
@@ -495,6 +514,15 @@ class Gateway:
                 "admin": _address(self.admin_address),
             },
         }
+
+    def acknowledge_anomaly(self, device: str, detector: str) -> bool:
+        """An operator saw it: stop escalating this (device, detector). False if not raised."""
+        detector_ = self.ingest.detector
+        if detector_ is None or not detector_.acknowledge(device, detector):
+            return False
+        log.info("anomaly %s on %s acknowledged", detector, device)
+        self._audit("anomaly.acknowledged", device=device, detector=detector)
+        return True
 
     def stats(self) -> dict[str, Any]:
         return {

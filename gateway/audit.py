@@ -34,6 +34,14 @@ with ``summarise`` (one dict update) and written by ``flush_summaries``, which t
 calls from its timer: one record per (event, key) per elapsed second, with ``count`` and
 ``window_s`` (the window's actual length; the record's ``ts`` is its end).
 
+Rotation and archiving: ``rotate`` closes the current file at once (not only when it is
+full) and continues the chain in the next one, whose first record is ``audit.rotated``.
+Closed files may then be compressed (``compress_file``, from a thread: the gzip is written to
+``<file>.gz.tmp``, fsynced and renamed to ``<file>.gz`` before the plain file is deleted, so
+a crash leaves one whole copy or two), and the oldest compressed ones deleted
+(``expired_files``). ``audit_files``, ``verify`` and ``open`` read a ``.gz`` file as the
+plain file it holds; when both copies of a file exist, the plain one is read.
+
 What a hash chain alone cannot show: whole lines cut off the end of the newest file, or whole
 files removed from either end, leave a valid (shorter) chain. ``verify`` reports the hash of
 the last record (the head); comparing it with a copy kept elsewhere (shipped off the node,
@@ -48,10 +56,14 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import gzip
 import hashlib
 import os
 import re
+import shutil
 import time
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -70,7 +82,10 @@ __all__ = [
     "VerifyResult",
     "audit_files",
     "audit_group",
+    "compress_file",
     "config_hash",
+    "expired_files",
+    "file_number",
     "verify",
 ]
 
@@ -79,7 +94,10 @@ GENESIS = "0" * 64
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 SUMMARY_WINDOW_S = 1.0
 LOCK_NAME = ".lock"
-_FILE_RE = re.compile(r"audit-(\d{6,})\.jsonl")
+_FILE_RE = re.compile(r"audit-(\d{6,})\.jsonl(\.gz)?")
+GZ_SUFFIX = ".gz"
+_GZ_LEVEL = 6
+_COPY_CHUNK = 1 << 20
 _RESERVED = frozenset({"ts", "node", "event", "prev"})
 _SUMMARY_RESERVED = _RESERVED | {"key", "count", "window_s"}
 _CUT_PREVIEW_BYTES = 200
@@ -103,16 +121,67 @@ def file_name(number: int) -> str:
     return f"audit-{number:06d}.jsonl"
 
 
+def file_number(path: str | Path) -> int | None:
+    """The ``n`` of ``audit-<n>.jsonl`` or ``audit-<n>.jsonl.gz``; None for another name."""
+    m = _FILE_RE.fullmatch(Path(path).name)
+    return int(m[1]) if m is not None else None
+
+
 def audit_files(directory: str | Path) -> list[tuple[int, Path]]:
-    """The ``audit-<n>.jsonl`` files of ``directory`` as (n, path), oldest first."""
+    """The ``audit-<n>.jsonl`` (or ``.jsonl.gz``) files of ``directory`` as (n, path), oldest
+    first; when a file exists in both forms (a crash while compressing), the plain one."""
     directory = Path(directory)
-    found = []
+    found: dict[int, Path] = {}
     for entry in os.scandir(directory):
         m = _FILE_RE.fullmatch(entry.name)
         if m is not None:
-            found.append((int(m[1]), directory / entry.name))
-    found.sort()
-    return found
+            number = int(m[1])
+            if m[2] is None or number not in found:
+                found[number] = directory / entry.name
+    return sorted(found.items())
+
+
+def _is_gz(path: Path) -> bool:
+    return path.name.endswith(GZ_SUFFIX)
+
+
+def compress_file(path: str | Path) -> tuple[Path, int, int]:
+    """Gzip closed audit file ``path`` to ``<path>.gz`` and delete it (blocking: run it in a
+    thread). Returns (the .gz path, bytes before, bytes after). The .gz keeps the file's
+    modification time, which ``expired_files`` goes by."""
+    path = Path(path)
+    target = path.with_name(path.name + GZ_SUFFIX)
+    temp = target.with_name(target.name + ".tmp")
+    stat = os.stat(path)
+    try:
+        with open(path, "rb") as source, open(temp, "wb") as raw:
+            with gzip.GzipFile(filename=path.name, mode="wb", fileobj=raw,
+                               compresslevel=_GZ_LEVEL, mtime=int(stat.st_mtime)) as packed:
+                shutil.copyfileobj(source, packed, _COPY_CHUNK)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.utime(temp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    _fsync_dir(path.parent)  # the .gz's name is durable before the only other copy goes
+    os.unlink(path)
+    _fsync_dir(path.parent)
+    return target, stat.st_size, os.stat(target).st_size
+
+
+def expired_files(directory: str | Path, *, older_than: float) -> list[Path]:
+    """The oldest compressed audit files last written before ``older_than`` (UNIX seconds):
+    the ones a retention period lets go. Only a run from the oldest file on, so that what is
+    left is one unbroken chain (blocking: run it in a thread)."""
+    expired = []
+    for _, path in audit_files(directory):
+        if not _is_gz(path) or os.stat(path).st_mtime >= older_than:
+            break
+        expired.append(path)
+    return expired
 
 
 def _str_fallback(value: Any) -> Any:
@@ -205,6 +274,11 @@ class AuditLog:
     def current_file(self) -> Path | None:
         return self.directory / file_name(self._number) if self._fd is not None else None
 
+    @property
+    def current_number(self) -> int | None:
+        """The ``n`` of the file being written: the files numbered below it are closed."""
+        return self._number if self._fd is not None else None
+
     # -- open / close ---------------------------------------------------------------------
     def open(self) -> None:
         """Create the directory, lock it, continue the chain (cutting a torn tail)."""
@@ -251,6 +325,11 @@ class AuditLog:
             self._head = GENESIS
             return None
         number, path = files[-1]
+        if _is_gz(path):  # compressed by hand: it is closed; the chain goes on in a new file
+            last = self._last_line_before(files)
+            self._create(number + 1)
+            self._head = GENESIS if last is None else _sha256(last)
+            return None
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         self._fd, self._number = fd, number
         size = os.fstat(fd).st_size
@@ -267,6 +346,11 @@ class AuditLog:
     @staticmethod
     def _last_line_before(files: list[tuple[int, Path]]) -> bytes | None:
         for _, path in reversed(files):
+            if _is_gz(path):
+                last = _last_line_gz(path)
+                if last is not None:
+                    return last
+                continue
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 last, _ = _read_tail(fd, os.fstat(fd).st_size)
@@ -288,6 +372,32 @@ class AuditLog:
                 os.fsync(old)
             finally:
                 os.close(old)
+
+    def rotate(self, **fields: Any) -> Path | None:
+        """Close the current file now and continue the chain in the next one, whose first
+        record is ``audit.rotated`` (``closed``, ``file`` and ``fields``). Returns the file
+        closed, or None if the current one is empty (there is nothing to close). Raises
+        ``AuditError``.
+
+        The closed file is fsynced here, on the caller's thread: a caller on the event loop
+        syncs it from a thread first (``os.fsync`` of any descriptor of the file), which
+        leaves little for this one."""
+        if self._fd is None:
+            raise AuditError(f"the audit log in {self.directory} is not open")
+        if self._size == 0:
+            return None
+        closed = self.directory / file_name(self._number)
+        try:
+            if self._torn:
+                os.ftruncate(self._fd, self._size)
+                self._torn = False
+            self._create(self._number + 1)
+        except OSError as err:
+            raise AuditError(f"cannot rotate the audit log in {self.directory}: {_why(err)}"
+                             ) from None
+        self.record("audit.rotated", closed=closed.name, file=file_name(self._number),
+                    **fields)
+        return closed
 
     def close(self) -> None:
         """Write the pending summaries, fsync, release the directory. Idempotent."""
@@ -430,7 +540,7 @@ def verify(path: str | Path) -> VerifyResult:
 
 
 def _verify_files(files: list[Path]) -> VerifyResult:
-    expected: str | None = GENESIS if files[0].name == file_name(1) else None
+    expected: str | None = GENESIS if file_number(files[0]) == 1 else None
     previous: tuple[str, int] | None = None  # (file name, line) of the last intact record
     records = 0
 
@@ -439,8 +549,10 @@ def _verify_files(files: list[Path]) -> VerifyResult:
                             head=expected if previous is not None else None)
 
     for file in files:
-        with file.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
+        lineno = 0
+        try:
+            lines = _read_lines(file)
+            for lineno, raw in enumerate(lines, 1):
                 where = f"{file.name}:{lineno}"
                 if not raw.endswith(b"\n"):
                     return broken(where, "torn line (no newline at the end: the writer stopped "
@@ -466,7 +578,30 @@ def _verify_files(files: list[Path]) -> VerifyResult:
                 expected = _sha256(line)
                 previous = (file.name, lineno)
                 records += 1
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # a changed or cut .gz
+            return broken(f"{file.name}:{lineno + 1}", f"cannot decompress ({err})")
     return VerifyResult(True, records, len(files), None, head=expected)
+
+
+def _read_lines(file: Path) -> Iterator[bytes]:
+    """The lines of an audit file, newline included; a ``.gz`` one read as what it holds."""
+    if _is_gz(file):
+        with gzip.open(file, "rb") as packed:
+            yield from packed
+    else:
+        with file.open("rb") as plain:
+            yield from plain
+
+
+def _last_line_gz(path: Path) -> bytes | None:
+    last = None
+    try:
+        for raw in _read_lines(path):
+            if raw.endswith(b"\n"):
+                last = raw[:-1]
+    except (EOFError, zlib.error) as err:
+        raise gzip.BadGzipFile(f"{path.name}: {err}") from None
+    return last
 
 
 # -- the CLI: `iot-gateway audit verify PATH` ----------------------------------------------

@@ -16,7 +16,9 @@ takes work again, and are disconnected if a commit fails (they resend what was n
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import time
 from collections.abc import Callable
 from itertools import count
@@ -29,9 +31,12 @@ from gateway.config import ANOMALY_LANES, DispatchSection, MQTTListener, Tier
 from gateway.dispatch import Dispatcher
 from gateway.envelope import Envelope
 from gateway.metrics import Metrics
+from policies.alerts import Alerter
 from policies.anomaly import Anomaly, AnomalyDetector
 from protocols.mqtt.connection import ConnectRequest, SubscribeRequest, UnsubscribeRequest
+from protocols.mqtt.errors import LocalProtocolError
 from protocols.mqtt.packets import Publish
+from protocols.mqtt.topics import compile_topic_filter
 
 if TYPE_CHECKING:
     from protocols.mqtt.adapter import MQTTServerProtocol
@@ -44,6 +49,11 @@ QUOTA_EXCEEDED = 0x97
 UNSPECIFIED_ERROR = 0x80
 MQTT5 = 5
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2, "emergency": 3}
+
+
+@functools.lru_cache(maxsize=4096)
+def _filter(topic_filter: str) -> re.Pattern[str]:
+    return compile_topic_filter(topic_filter)
 
 
 def _base36(n: int) -> str:
@@ -81,6 +91,7 @@ class MQTTIngest:
         self.received = 0
         self.refused = 0
         self.shed = 0
+        self.alerter: Alerter | None = None
         # Ids stay unique across restarts and side-by-side upgrades: node, start time, sequence.
         self._prefix = f"{node_id}-{_base36(time.time_ns() // 1000)}-"
         self._sequence = count(1)
@@ -335,8 +346,26 @@ class MQTTIngest:
             envelope.anomaly = max((a.severity for a in anomalies), key=SEVERITY_RANK.__getitem__)
             self.raised(anomalies, envelope)
 
+    def publish_local(self, topic: str, payload: bytes) -> None:
+        """Deliver a message the gateway itself publishes (alerts) to the connected clients
+        subscribed to it, at QoS 0. (Sessions and retained messages come with the broker.)"""
+        for client in self.clients:
+            if not client.subscriptions or client.conn.client_id is None:
+                continue
+            for topic_filter in client.subscriptions:
+                if _filter(topic_filter).match(topic):
+                    try:
+                        client.conn.send_publish(topic, payload)
+                    except LocalProtocolError as err:  # larger than the client accepts
+                        log.warning("mqtt client %s (%r): %s not delivered: %s", client.peer,
+                                    client.conn.client_id, topic, err)
+                    else:
+                        client.flush()
+                    break
+
     def raised(self, anomalies: list[Anomaly], envelope: Envelope | None = None) -> None:
-        """Count, time and record anomalies (from triage, silence checks or escalation)."""
+        """Count, time, record and alert anomalies (from triage, silence checks or
+        escalation)."""
         metrics = self.metrics
         if envelope is not None:
             metrics.anomaly_detect_latency.observe_many(
@@ -350,6 +379,11 @@ class MQTTIngest:
                             severity=anomaly.severity, value=anomaly.value,
                             reason=anomaly.reason, escalated=anomaly.escalated,
                             message=envelope.id if envelope is not None else None)
+            if self.alerter is not None:
+                if envelope is not None:
+                    self.alerter.alert(anomaly, tenant=envelope.tenant, tier=envelope.tier)
+                else:
+                    self.alerter.alert(anomaly)
 
     def set_backpressure(self, paused: bool) -> None:
         self.metrics.reading_paused.set(1 if paused else 0)

@@ -29,6 +29,21 @@ disk (one pinned by a record that is not yet retired); so that those records do 
 back, the job writes a summary marker for such a segment into the active one first: "every
 sequence number in [first, end) of that segment is retired except these few".
 
+Compaction. A few unretired records (messages stuck in retry) pin their whole segment, which
+then stays on disk and is read in full by every recovery. ``compact`` rewrites a sealed
+segment (any but the active one) so that it holds only its unretired appends, byte for byte,
+plus one summary marker for each older segment its own markers retired records of (they
+would come back otherwise). Three steps, none of them on the loop: a no-op job through the
+commit thread, so that every write to the segment has ended; then, in another thread (group
+commits go on meanwhile), the segment is read and the kept frames are written to
+``<segment>.compact`` and fsynced; last, as a job of the commit thread (serialized with the
+writes and the unlinks of fully retired segments), the temp file is renamed over the segment
+and the directory fsynced, unless the segment was deleted meanwhile. That thread reads the
+loop's live sets with ``in`` only (atomic under the GIL); a sealed segment's set only ever
+shrinks, and a record retired meanwhile may be kept (its marker still retires it) or dropped
+(it is retired). A crash leaves the old segment or the new one, which recover the same
+records, and maybe a temp file, which recovery deletes.
+
 Recovery reads every segment in order, drops what the markers retire, and hands back the
 rest in append order. A torn or corrupt record (short frame, length past the end of file,
 bad CRC, undecodable body, sequence number out of order) cuts its segment there: the file
@@ -65,8 +80,9 @@ import struct
 import time
 import zlib
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from itertools import pairwise
 from pathlib import Path
@@ -94,6 +110,9 @@ KIND_RETIRE = 2
 KIND_RETIRE_EXCEPT = 3
 _APPEND_SEED = zlib.crc32(bytes([KIND_APPEND]))  # the crc covers the kind byte as well
 SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
+COMPACT_SUFFIX = ".compact"
+"""A segment being compacted is written to ``<segment>.compact`` first."""
+_COMPACT_NAME = re.compile(r"wal-\d{20}\.log\.compact")
 
 COMMIT_BYTES = 1 << 20
 """Commit at once (not at the end of the window) when this much is pending."""
@@ -101,8 +120,6 @@ PROBE_INTERVAL_S = 1.0
 """While commits fail, how often to try one into a fresh segment."""
 RETIRE_RECORD_SEQS = 65536
 """Most sequence numbers in one retire record (keeps records small)."""
-
-
 
 class AppendRecord(msgspec.Struct, array_like=True, gc=False, frozen=True):
     """The body of an append record (a msgpack array); what ``encode_appends`` writes."""
@@ -125,6 +142,13 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_append = msgspec.msgpack.Decoder(AppendRecord).decode
 _decode_retire = msgspec.msgpack.Decoder(list[int]).decode
 _decode_retire_except = msgspec.msgpack.Decoder(tuple[int, int, list[int]]).decode
+
+
+class _SeqOnly(msgspec.Struct, array_like=True, gc=False):
+    seq: int  # the other fields of an append record are skipped, not decoded
+
+
+_decode_seq = msgspec.msgpack.Decoder(_SeqOnly).decode
 
 _NEW, _OPEN, _CLOSING, _CLOSED = range(4)
 
@@ -156,8 +180,8 @@ def _frame(kind: int, body: bytes) -> bytes:
 class _Segment:
     """One segment file, as the loop sees it."""
 
-    __slots__ = ("deleted", "end", "first", "live", "path", "reserved", "submitted",
-                 "targets")
+    __slots__ = ("deleted", "end", "first", "live", "path", "reserved", "stored",
+                 "submitted", "targets")
 
     def __init__(self, first: int, path: str) -> None:
         self.first = first
@@ -173,6 +197,14 @@ class _Segment:
         self.submitted = False
         """Whether a job has written (or is writing) its file."""
         self.deleted = False
+        self.stored: int | None = None
+        """Append records in its file, when known (read by recovery, or compacted)."""
+
+    def records(self) -> int:
+        """Append records in its file (an upper bound for one written since the start)."""
+        if self.stored is not None:
+            return self.stored
+        return self.end - self.first if self.end is not None else len(self.live)
 
 
 class _Chunk:
@@ -328,11 +360,146 @@ class _Writer:
                 os.close(self.fd)
             self.fd, self.path = -1, ""
 
+    def install(self, temp: str, path: str, sync: bool) -> bool:
+        """Rename a compacted ``temp`` over segment ``path``, unless a job deleted it."""
+        if not os.path.exists(path):  # only this thread unlinks segments: no race here
+            _unlink_quietly(temp)
+            return False
+        if self.path == path:  # else the old file's blocks stay held by our descriptor
+            self._close()
+        try:
+            os.replace(temp, path)
+        except OSError:
+            _unlink_quietly(temp)
+            raise
+        if sync:
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return True
+
 
 def _timed_fsync(fd: int) -> float:
     start = time.perf_counter()
     os.fsync(fd)
     return time.perf_counter() - start
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _nothing() -> None:
+    """A job for the commit thread that only waits for the jobs before it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentInfo:
+    """A sealed segment, as ``WriteAheadLog.sealed_segments`` lists it."""
+
+    first: int
+    """Its name's sequence number: what ``compact`` takes."""
+    path: str
+    live: int
+    """Unretired records."""
+    records: int
+    """Append records in its file (for one written since the log was opened, an upper
+    bound: the sequence numbers it was given)."""
+
+    @property
+    def live_fraction(self) -> float:
+        return self.live / self.records if self.records else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionResult:
+    path: str
+    kept: int
+    """Append records kept (the unretired ones)."""
+    dropped: int
+    """Retired append records dropped."""
+    bytes_before: int
+    bytes_after: int
+
+    @property
+    def reclaimed(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+
+@dataclass(frozen=True, slots=True)
+class _Rewrite:
+    """What the compaction thread needs: read-only views of the loop's live sets."""
+
+    path: str
+    temp: str
+    live: Set[int]
+    summaries: Sequence[tuple[int, int, Set[int]]]  # an older segment's first, end, live set
+    sync: bool
+
+
+def _rewrite(job: _Rewrite) -> CompactionResult | None:
+    """Write the segment's unretired appends and summaries to the temp file (thread side).
+
+    None if the segment is gone (deleted as fully retired). Raises ``WALError`` on a corrupt
+    segment or an I/O error; the segment is then left as it was."""
+    try:
+        with open(job.path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise WALError(f"cannot read the write-ahead log segment {job.path}: "
+                       f"{err.strerror}") from None
+    size = len(data)
+    if size < HEADER_SIZE or data[:len(MAGIC)] != MAGIC:
+        raise WALError(f"cannot compact {job.path}: no valid segment header")
+    out = [SEGMENT_HEADER]
+    live, unpack, crc32 = job.live, _FRAME.unpack_from, zlib.crc32
+    kept = dropped = 0
+    offset = HEADER_SIZE
+    with memoryview(data) as view:
+        while offset < size:
+            if size - offset < FRAME_SIZE:
+                raise WALError(f"cannot compact {job.path}: torn record at offset {offset}")
+            length, crc, kind = unpack(data, offset)
+            end = offset + FRAME_SIZE + length
+            if end > size or crc32(view[offset + FRAME_SIZE - 1:end]) != crc:
+                raise WALError(f"cannot compact {job.path}: corrupt record at offset {offset}")
+            if kind == KIND_APPEND:
+                try:
+                    seq = _decode_seq(view[offset + FRAME_SIZE:end]).seq
+                except msgspec.DecodeError as err:
+                    raise WALError(f"cannot compact {job.path}: undecodable record at offset "
+                                   f"{offset} ({err})") from None
+                if seq in live:
+                    out.append(data[offset:end])
+                    kept += 1
+                else:
+                    dropped += 1
+            offset = end
+    for first, end_seq, target_live in job.summaries:
+        # Membership tests only: iterating a set the loop is shrinking would raise.
+        kept_seqs = [seq for seq in range(first, end_seq) if seq in target_live]
+        out.append(_frame(KIND_RETIRE_EXCEPT, _encode((first, end_seq, kept_seqs))))
+    compacted = b"".join(out)
+    try:
+        fd = os.open(job.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            with memoryview(compacted) as rest:
+                written = 0
+                while written < len(compacted):
+                    written += os.write(fd, rest[written:])
+            if job.sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        _unlink_quietly(job.temp)
+        raise WALError(f"cannot write {job.temp}: {err.strerror}") from None
+    return CompactionResult(job.path, kept, dropped, size, len(compacted))
 
 
 class _Recovery:
@@ -440,6 +607,7 @@ class WriteAheadLog:
         self._due = False
         self._failing = False
         self._probe_timer: asyncio.TimerHandle | None = None
+        self._compactions: dict[int, asyncio.Task[CompactionResult | None]] = {}
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -466,6 +634,14 @@ class WriteAheadLog:
             raise WALError(f"cannot use the write-ahead log directory {directory}: "
                            f"{err.strerror or err}") from None
 
+        for name in names:  # a compaction the process did not finish: the segment is whole
+            if _COMPACT_NAME.fullmatch(name):
+                try:
+                    os.unlink(directory / name)
+                except OSError as err:
+                    raise WALError(f"cannot delete {directory / name}: {err.strerror}") from None
+                log.info("write-ahead log %s: deleted %s, left by an unfinished compaction",
+                         self._dir, name)
         found = sorted((int(m[1]), name) for name in names if (m := SEGMENT_NAME.fullmatch(name)))
         segments = [_Segment(first, os.path.join(self._dir, name)) for first, name in found]
         for older, newer in pairwise(segments):
@@ -522,6 +698,7 @@ class WriteAheadLog:
         crc32 = zlib.crc32
         bound = segment.end
         offset = HEADER_SIZE
+        appends = 0
         with memoryview(data) as view:
             while offset < size:
                 reason: str | None
@@ -537,10 +714,13 @@ class WriteAheadLog:
                         reason = "bad CRC"
                     else:
                         reason = state.apply(segment, bound, kind, view[offset + FRAME_SIZE:end])
+                        appends += kind == KIND_APPEND
                 if reason is not None:
+                    segment.stored = appends
                     self._cut(segment, offset, size, reason)
                     return
                 offset = end
+        segment.stored = appends
 
     def _cut(self, segment: _Segment, offset: int, size: int, reason: str) -> None:
         log.warning("write-ahead log segment %s: %s at offset %d; cutting the segment there "
@@ -651,6 +831,8 @@ class WriteAheadLog:
             self._state = _CLOSED
             return
         self._state = _CLOSING
+        if self._compactions:  # each one sees _CLOSING and stops at its next step
+            await asyncio.wait(list(self._compactions.values()))
         self._cancel_timer()
         if self._probe_timer is not None:
             self._probe_timer.cancel()
@@ -667,6 +849,80 @@ class WriteAheadLog:
             self._executor = None
         self._state = _CLOSED
         self._publish_gauges()
+
+    # -- compaction ------------------------------------------------------------------------
+    def sealed_segments(self) -> list[SegmentInfo]:
+        """The segments that take no more writes, oldest first: what ``compact`` may rewrite.
+
+        A sealed segment whose last bytes are still waiting for their group commit is left
+        out until they are handed to the commit thread."""
+        active = self._active
+        pending = {chunk.segment for chunk in self._chunks}
+        return [SegmentInfo(s.first, s.path, len(s.live), s.records())
+                for s in self._segments
+                if s is not active and not s.deleted and s not in pending]
+
+    def compact(self, first: int) -> asyncio.Task[CompactionResult | None]:
+        """Rewrite sealed segment ``first`` with only its unretired records; see the module's
+        theory of operation. Call on the loop; the task's result is None if the segment was
+        deleted (fully retired) before it could be rewritten. Raises ``WALError`` at once if
+        ``first`` is not a sealed segment or is being compacted already; the task raises
+        ``WALError`` if the segment cannot be read or the new one written (it stays as it
+        was)."""
+        if self._state != _OPEN:
+            raise WALError(f"write-ahead log {self._dir} is "
+                           f"{'not recovered yet' if self._state == _NEW else 'closed'}")
+        i = bisect_left(self._firsts, first)
+        if i == len(self._firsts) or self._firsts[i] != first:
+            raise WALError(f"write-ahead log {self._dir}: no segment {segment_name(first)}")
+        segment = self._segments[i]
+        if segment is self._active or any(c.segment is segment for c in self._chunks):
+            raise WALError(f"write-ahead log {self._dir}: segment {segment_name(first)} is "
+                           "still being written")
+        if first in self._compactions:
+            raise WALError(f"write-ahead log {self._dir}: segment {segment_name(first)} is "
+                           "being compacted already")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        task = self._loop.create_task(self._compact(segment))
+        self._compactions[first] = task
+        task.add_done_callback(lambda _: self._compactions.pop(first, None))
+        return task
+
+    async def _compact(self, segment: _Segment) -> CompactionResult | None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._commit_thread(), _nothing)
+        if segment.deleted or self._state != _OPEN:
+            return None
+        summaries = [(t.first, t.end, t.live) for t in segment.targets
+                     if not t.deleted and t.end is not None]
+        temp = segment.path + COMPACT_SUFFIX
+        job = _Rewrite(segment.path, temp, segment.live, summaries, self._fsync)
+        result = await loop.run_in_executor(None, _rewrite, job)
+        if result is None:
+            return None
+        if segment.deleted or self._state != _OPEN:
+            # Its unlink is queued (or done) already: renaming now would bring it back.
+            await loop.run_in_executor(None, _unlink_quietly, temp)
+            return None
+        try:
+            installed = await loop.run_in_executor(self._commit_thread(), self._writer.install,
+                                                   temp, segment.path, self._fsync)
+        except OSError as err:
+            raise WALError(f"cannot rename {temp} over {segment.path}: {err.strerror}"
+                           ) from None
+        if not installed:
+            return None
+        segment.stored = result.kept
+        log.info("write-ahead log %s: compacted %s: kept %d records, dropped %d, %d bytes "
+                 "reclaimed", self._dir, os.path.basename(segment.path), result.kept,
+                 result.dropped, result.reclaimed)
+        return result
+
+    def _commit_thread(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-commit")
+        return self._executor
 
     # -- group commit ----------------------------------------------------------------------
     def _mark_pending(self) -> None:
@@ -799,9 +1055,7 @@ class WriteAheadLog:
         if job is None:
             return None
         assert self._loop is not None
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-commit")
-        future = self._loop.run_in_executor(self._executor, self._writer.run, job)
+        future = self._loop.run_in_executor(self._commit_thread(), self._writer.run, job)
         self._inflight = future
         future.add_done_callback(partial(self._on_committed, job))
         return future

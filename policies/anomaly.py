@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 import msgspec
 from msgspec import Meta, Struct
 
+from policies.alerts import EscalationSection
 from protocols.mqtt.topics import compile_topic_filter
 
 Severity = Literal["info", "warning", "critical", "emergency"]
@@ -122,6 +123,8 @@ class Detector(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
 
 class AnomalySection(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     detectors: list[Detector] = msgspec.field(default_factory=list)
+    escalation: EscalationSection = msgspec.field(default_factory=EscalationSection)
+    """What each severity sets off: MQTT alert, webhook, audit (``policies.alerts``)."""
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
