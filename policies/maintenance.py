@@ -10,25 +10,29 @@ The planner is pure: no I/O, no asyncio, no clock of its own. The dispatcher cal
 :meth:`MaintenancePlanner.tick` about once a second with the time and the loads it sees,
 and audits every :class:`Decision` returned (decisions are emitted only on change).
 
+A reservation takes its slots from routine work, never from anomaly or critical work:
+``protected = max(ceil(critical_load), ceil(capacity * critical_headroom))`` slots are kept
+for anomaly + critical work, the rest (``room``) may be reserved. Routine load only decides
+how far above ``min_slots`` a window may grow (``spare = room - routine_load``).
+
 Each tick, per reservation, in this order:
 
 1. A running or paused window whose end has passed completes (``complete``, slots freed).
 2. Running/paused windows (in the order they were added) are resized against the *real*
-   load: ``available = capacity - protected - routine_load - slots held by the others``,
-   where ``protected = max(ceil(critical_load), ceil(capacity * critical_headroom))`` is
-   kept for anomaly + critical work and ``routine_load = total_load - critical_load``.
-   Less than held → ``shrink`` (toward min); less than min → ``pause`` (0 slots); more →
-   ``grow`` back (up to max) or ``resume``.
-3. Windows that are due are admitted only if both the real load and the *forecast* load
-   leave room for at least ``min_slots``; the forecast check is the conservative one:
-   ``capacity - ceil(capacity * critical_headroom) - forecast_load - others``. If not,
-   the window is deferred (``defer``, retried each tick) until ``max_defer_s`` after its
-   scheduled start, then skipped (``skip``; also when first seen that late). A granted
-   window runs ``duration_s`` from the moment it was granted (a deferral shifts it, it
-   does not shorten it). A cron reservation waits for its next occurrence at or after the
-   first tick that sees it (a window already under way is not joined late).
+   load: with ``held`` the slots of the windows before it, less than ``min_slots`` of
+   ``room - held`` → ``pause`` (0 slots); otherwise it holds
+   ``min(max_slots, room - held, max(min_slots, spare - held))``: ``shrink`` toward min as
+   routine load rises, ``grow`` back as it falls, ``resume`` after a pause.
+3. Windows that are due are admitted only if both the real and the *forecast* critical load
+   (anomaly + critical work expected during the window) leave room for ``min_slots``:
+   ``min(room, capacity - max(headroom, ceil(forecast))) - held``. If not, the window is
+   deferred (``defer``, retried each tick) until ``max_defer_s`` after its scheduled start,
+   then skipped (``skip``; also when first seen that late). A granted window runs
+   ``duration_s`` from the moment it was granted (a deferral shifts it, it does not shorten
+   it). A cron reservation waits for its next occurrence at or after the first tick that
+   sees it (a window already under way is not joined late).
 
-Because every holding is bounded by ``available``, after any tick
+Because every holding is bounded by ``room``, after any tick
 ``capacity - reserved_slots() >= max(ceil(capacity * critical_headroom), critical_load)``:
 a reservation is never taken from anomaly or critical work.
 
@@ -233,15 +237,18 @@ class MaintenancePlanner:
         total_load_slots: float,
         forecast_load_slots: float,
     ) -> builtins.list[Decision]:
+        """One control step. Loads are in slots: ``critical_load_slots`` of anomaly and
+        critical work now, ``total_load_slots`` of all work now, ``forecast_load_slots`` of
+        anomaly and critical work expected over the coming window."""
         if capacity_slots < 0:
             raise MaintenanceError(f"capacity_slots: expected >= 0, got {capacity_slots}")
         critical = max(0.0, critical_load_slots)
         routine = max(0.0, total_load_slots - critical)
         forecast = max(0.0, forecast_load_slots)
         headroom = self.headroom_slots(capacity_slots)
-        protected = max(math.ceil(critical), headroom)
-        real_room = capacity_slots - protected - math.ceil(routine)
-        forecast_room = capacity_slots - headroom - math.ceil(forecast)
+        room = capacity_slots - max(math.ceil(critical), headroom)
+        spare = room - math.ceil(routine)
+        forecast_room = capacity_slots - max(math.ceil(forecast), headroom)
 
         decisions: builtins.list[Decision] = []
 
@@ -269,22 +276,24 @@ class MaintenancePlanner:
             if live.phase not in ("running", "paused"):
                 continue
             res = live.reservation
-            available = real_room - held
+            available = room - held
             before = live.slots
             if available < res.effective_min:
                 if live.phase == "running":
                     live.slots = 0
                     live.phase = "paused"
-                    emit(live, "pause", _why(available, res.effective_min, "real load"))
+                    emit(live, "pause", _why(available, res.effective_min,
+                                             "anomaly and critical load"))
             else:
-                live.slots = min(res.max_slots, available)
+                live.slots = min(res.max_slots, available, max(res.effective_min, spare - held))
                 if live.phase == "paused":
                     live.phase = "running"
                     emit(live, "resume", f"{available} slots available again")
                 elif live.slots < before:
-                    emit(live, "shrink", f"real load rose: {available} slots available")
+                    emit(live, "shrink", f"routine load rose: {max(spare - held, 0)} slots "
+                                         "idle")
                 elif live.slots > before:
-                    emit(live, "grow", f"real load fell: {available} slots available")
+                    emit(live, "grow", f"routine load fell: {max(spare - held, 0)} slots idle")
             held += live.slots
 
         # 3. Admit windows that are due.
@@ -297,24 +306,27 @@ class MaintenancePlanner:
                 live.scheduled_start = _next_cron(res.cron, now)
             if now < live.scheduled_start:
                 continue
-            room = min(real_room, forecast_room) - held
+            admissible = min(room, forecast_room) - held
             waited = now - live.scheduled_start
-            if waited <= res.max_defer_s and room >= res.effective_min:
-                live.slots = min(res.max_slots, room)
+            if waited <= res.max_defer_s and admissible >= res.effective_min:
+                live.slots = min(res.max_slots, admissible,
+                                 max(res.effective_min, spare - held))
                 live.phase = "running"
                 live.window_end = now + res.duration_s
                 held += live.slots
-                emit(live, "grant", f"{room} slots available under forecast and real load")
+                emit(live, "grant", f"{admissible} slots available under forecast and real "
+                                    "critical load")
                 continue
             if waited >= res.max_defer_s:
                 reason = f"not admitted within max_defer_s={res.max_defer_s:g}s; " + _why(
-                    room, res.effective_min, "forecast/real load"
+                    admissible, res.effective_min, "forecast/real critical load"
                 )
                 self._close_window(live, now)
                 emit(live, "skip", reason)
             elif live.phase == "waiting":
                 live.phase = "deferred"
-                emit(live, "defer", _why(room, res.effective_min, "forecast/real load"))
+                emit(live, "defer", _why(admissible, res.effective_min,
+                                         "forecast/real critical load"))
 
         return decisions
 

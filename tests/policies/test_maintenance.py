@@ -77,17 +77,19 @@ def test_fixed_window_waits_then_is_granted_max_when_idle() -> None:
     assert tick(p, T0 + 1) == []  # decisions only on change
 
 
-def test_shrinks_toward_min_pauses_then_resumes_and_grows() -> None:
+def test_shrinks_toward_min_as_routine_load_rises_pauses_for_critical_load_only() -> None:
     p = planner(fixed())
     assert tick(p, T0) == [("grant", 5)]
-    # room = 10 - 3 (headroom) - routine load
+    # 10 - 3 (headroom) = 7 may be reserved; routine load takes what is above min
     assert tick(p, T0 + 1, total=4) == [("shrink", 3)]
     assert tick(p, T0 + 2, total=5) == [("shrink", 2)]
-    assert tick(p, T0 + 3, total=6) == [("pause", 0)]
+    assert tick(p, T0 + 3, total=10) == []  # min is held against routine work
+    assert p.reserved_slots() == 2
+    assert tick(p, T0 + 4, critical=8.5, total=10) == [("pause", 0)]  # 9 slots protected
     assert p.reserved_slots() == 0
-    assert tick(p, T0 + 4, total=6.5) == []
-    assert tick(p, T0 + 5, total=4) == [("resume", 3)]
-    assert tick(p, T0 + 6, total=0) == [("grow", 5)]
+    assert tick(p, T0 + 5, critical=8.2, total=8.2) == []
+    assert tick(p, T0 + 6, total=4) == [("resume", 3)]
+    assert tick(p, T0 + 7, total=0) == [("grow", 5)]
     assert [s.phase for s in p.list()] == ["running"]
 
 
@@ -113,19 +115,19 @@ def test_completes_at_window_end_and_frees_slots() -> None:
 def test_paused_window_also_completes_at_its_end() -> None:
     p = planner(fixed())
     tick(p, T0)
-    tick(p, T0 + 1, total=10)
-    assert tick(p, T0 + 600, total=10) == [("complete", 0)]
+    assert tick(p, T0 + 1, critical=10, total=10) == [("pause", 0)]
+    assert tick(p, T0 + 600, critical=10, total=10) == [("complete", 0)]
 
 
 def test_deferred_when_forecast_does_not_admit_then_granted_later() -> None:
     p = planner(fixed())
     decisions = p.tick(
-        T0, capacity_slots=10, critical_load_slots=0, total_load_slots=0, forecast_load_slots=6
+        T0, capacity_slots=10, critical_load_slots=0, total_load_slots=0, forecast_load_slots=9
     )
     assert [(d.action, d.slots) for d in decisions] == [("defer", 0)]
     assert "min needs 2" in decisions[0].reason
-    assert tick(p, T0 + 1, forecast=6) == []  # still deferred, not re-audited
-    assert tick(p, T0 + 60, forecast=3) == [("grant", 4)]
+    assert tick(p, T0 + 1, forecast=9) == []  # still deferred, not re-audited
+    assert tick(p, T0 + 60, forecast=6) == [("grant", 4)]
     # a deferral shifts the window rather than shortening it
     assert p.list()[0].window_end == T0 + 60 + 600
     # once running, only the real load sizes it
@@ -134,9 +136,10 @@ def test_deferred_when_forecast_does_not_admit_then_granted_later() -> None:
     assert tick(p, T0 + 660) == [("complete", 0)]
 
 
-def test_deferred_by_real_load_too() -> None:
+def test_deferred_by_real_critical_load_too_never_by_routine_load() -> None:
     p = planner(fixed())
-    assert tick(p, T0, total=6) == [("defer", 0)]
+    assert tick(p, T0, critical=8.5, total=8.5) == [("defer", 0)]
+    assert tick(p, T0 + 1, critical=2, total=10) == [("grant", 2)]
 
 
 def test_skipped_after_max_defer_s() -> None:
@@ -156,8 +159,8 @@ def test_first_seen_too_late_is_skipped() -> None:
 def test_two_reservations_share_what_is_left_in_order() -> None:
     p = planner(fixed("a"), fixed("b"))
     assert tick(p, T0) == [("grant", 5), ("grant", 2)]
-    # load rises: the later reservation yields first
-    assert tick(p, T0 + 1, total=1) == [("pause", 0)]
+    # critical load rises: the later reservation yields first
+    assert tick(p, T0 + 1, critical=4, total=4) == [("pause", 0)]
     assert p.reserved_slots() == 5
 
 
