@@ -11,6 +11,8 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from policies.maintenance import MaintenanceError, Reservation
+
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
@@ -65,7 +67,33 @@ def make_app(gateway: Gateway) -> web.Application:
                                f"{ack.device!r}")
         return web.json_response({"acknowledged": True})
 
+    async def maintenance_list(request: web.Request) -> web.Response:
+        return web.json_response({"reserved_slots": gateway.maintenance.planner.reserved_slots(),
+                                  "reservations": gateway.maintenance.list()})
+
+    async def maintenance_schedule(request: web.Request) -> web.Response:
+        reservation = await _body(request, Reservation)
+        if isinstance(reservation, web.Response):
+            return reservation
+        if any(r["name"] == reservation.name for r in gateway.maintenance.list()):
+            return _error(409, f"a reservation named {reservation.name!r} already exists")
+        try:
+            gateway.maintenance.schedule(reservation)
+        except MaintenanceError as err:
+            return _error(400, str(err))
+        listed = next(r for r in gateway.maintenance.list() if r["name"] == reservation.name)
+        return web.json_response(listed, status=201)
+
+    async def maintenance_cancel(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not gateway.maintenance.cancel(name):
+            return _error(404, f"no maintenance reservation named {name!r}")
+        return web.json_response({"cancelled": name})
+
     app = web.Application()
+    app.router.add_get("/v1/maintenance", maintenance_list)
+    app.router.add_post("/v1/maintenance", maintenance_schedule)
+    app.router.add_delete("/v1/maintenance/{name}", maintenance_cancel)
     app.router.add_post("/v1/drain", drain)
     app.router.add_post("/v1/anomalies/ack", acknowledge)
     app.router.add_get("/metrics", metrics)

@@ -45,6 +45,7 @@ from gateway.dispatch import Dispatcher, Lane
 from gateway.envelope import Envelope
 from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import MQTTIngest
+from gateway.maintenance import Maintenance, build_task
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, StageContext, build_pipelines
 from gateway.registry import DeviceRegistry
@@ -54,6 +55,8 @@ from gateway.wal import WriteAheadLog
 from gateway.workers import Workers
 from policies.alerts import Alerter
 from policies.anomaly import AnomalyDetector
+from policies.maintenance import MaintenanceError
+from policies.tasks import TaskContext
 from protocols.mqtt.adapter import MQTTServerProtocol
 
 log = logging.getLogger("iotgw")
@@ -129,6 +132,9 @@ class Gateway:
                                      anomaly_lanes=parts.anomaly_lanes,
                                      preempt=self.workers.preempt, on_shed=self._shed_late)
         self.workers.dispatcher = self.dispatcher
+        self.maintenance = Maintenance(config.maintenance, self.dispatcher, self.metrics,
+                                       audit=self._audit, context=self._task_context,
+                                       state_dir=state_dir)
         self._export_queue_depth()
         self.ingest = MQTTIngest(config.gateway.node_id, config.mqtt, config.tiers,
                                  config.dispatch, parts.classifier, self.dispatcher,
@@ -144,32 +150,64 @@ class Gateway:
         registry = (DeviceRegistry.load(config.classify.registry, tiers=config.tier_names)
                     if config.classify.registry else DeviceRegistry.empty())
         sinks = build_sinks(config, self.metrics)
-        context = StageContext(config=config, registry=registry, metrics=self.metrics,
-                               schemas=config.schemas, sinks=sinks)
-        pipelines = build_pipelines(config, context)
-        classifier = Classifier(config.classify, registry, config.gateway.region,
-                                config.tier_names)
         detector = None
-        anomaly_lanes: tuple[str, ...] = ()
         if config.anomaly.detectors:
             try:
                 detector = AnomalyDetector(config.anomaly)
             except ValueError as err:
                 raise ConfigError(f"anomaly.{err}") from None
-            # Anomalous messages jump every queue, most severe first, and run the most urgent
-            # tier's pipeline.
-            anomaly_lanes = tuple(ANOMALY_LANES.values())
-            served = [pipelines[t] for t in config.tier_names if t in pipelines]
-            if served:
-                pipelines.update(dict.fromkeys(ANOMALY_LANES.values(), served[0]))
+        pipelines, classifier = self._routing(config, registry, sinks, detector is not None)
+        # Anomalous messages jump every queue, most severe first.
+        anomaly_lanes = tuple(ANOMALY_LANES.values()) if detector is not None else ()
         alerter = None
         if detector is not None:
             alerter = Alerter(config.anomaly.escalation.by_severity(),
                               publish=self._publish_alert, audit=self._audit,
                               alerts=self.metrics.alerts, failures=self.metrics.alert_failures,
                               node=config.gateway.node_id)
+        for reservation in config.maintenance.reservations:
+            try:
+                build_task(reservation)
+            except MaintenanceError as err:
+                raise ConfigError(f"maintenance.reservations: {err}") from None
+        unknown = set(config.maintenance.protected_tiers) - set(config.tier_names)
+        if unknown:
+            raise ConfigError(f"maintenance.protected_tiers: unknown tiers {sorted(unknown)}")
         return _Parts(config, registry, classifier, sinks, pipelines, detector, anomaly_lanes,
                       alerter)
+
+    def _routing(self, config: Config, registry: DeviceRegistry, sinks: dict[str, Sink],
+                 anomalies: bool) -> tuple[dict[str, Pipeline], Classifier]:
+        """The pipelines and the classifier for a config and a device registry."""
+        context = StageContext(config=config, registry=registry, metrics=self.metrics,
+                               schemas=config.schemas, sinks=sinks)
+        pipelines = build_pipelines(config, context)
+        classifier = Classifier(config.classify, registry, config.gateway.region,
+                                config.tier_names)
+        if anomalies:  # the anomaly lanes run the most urgent tier's pipeline
+            served = [pipelines[t] for t in config.tier_names if t in pipelines]
+            if served:
+                pipelines.update(dict.fromkeys(ANOMALY_LANES.values(), served[0]))
+        return pipelines, classifier
+
+    def install_registry(self, registry: DeviceRegistry) -> None:
+        """A rebuilt device registry (the registry-rebuild maintenance task): classification
+        and enrichment use it from the next message on; everything else is kept."""
+        config = self.config
+        pipelines, classifier = self._routing(config, registry, self.sinks,
+                                              self.ingest.detector is not None)
+        self.workers.reconfigure(pipelines, config.retry)
+        self.ingest.configure(config.mqtt, config.tiers, config.dispatch, classifier,
+                              self.ingest.detector)
+        log.info("device registry installed: %d devices from %s", len(registry),
+                 registry.source)
+        self._audit("registry.installed", devices=len(registry), source=registry.source)
+
+    def _task_context(self) -> TaskContext:
+        return TaskContext(wal=self.wal, audit=self.audit,
+                           registry_path=self.config.classify.registry,
+                           tiers=self.config.tier_names, install_registry=self.install_registry,
+                           log=logging.getLogger("iotgw.maintenance.task"))
 
     def _publish_alert(self, topic: str, payload: bytes) -> None:
         self.ingest.publish_local(topic, payload)
@@ -359,6 +397,7 @@ class Gateway:
         if left:
             log.warning("drain deadline: %d messages not processed; the acknowledged ones stay "
                         "in the write-ahead log for the next start", left)
+        self.maintenance.close()
         await self._flush_and_retire(close=True)
         self.workers.close()
         if self.ingest.alerter is not None:  # webhooks still queued: a last chance
@@ -401,6 +440,7 @@ class Gateway:
                                     anomaly_lanes=parts.anomaly_lanes)
         self._export_queue_depth()
         self.workers.reconfigure(parts.pipelines, new.retry)
+        self.maintenance.reconfigure(new.maintenance)
         self.ingest.configure(new.mqtt, new.tiers, new.dispatch, parts.classifier,
                               parts.detector)
         old_alerter, self.ingest.alerter = self.ingest.alerter, parts.alerter
@@ -481,6 +521,7 @@ class Gateway:
                     if later:
                         self.ingest.raised(later)
                 self.workers.flush_windows(time.time())
+                self.maintenance.tick(time.time())
                 await self._flush_and_retire()
                 if self.audit is not None:
                     if not self.audit.is_open:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -70,28 +76,124 @@ def serve(config_path: Path | None, mqtt_listen: str | None, admin_listen: str |
         raise click.ClickException(str(err)) from None
 
 
-@main.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="The config the gateway runs with (for admin.listen).")
-@click.option("--admin", "admin_url", metavar="URL",
-              help="The gateway's admin API, e.g. http://127.0.0.1:9883 "
-                   "(default: from the config).")
-def drain(config_path: Path | None, admin_url: str | None) -> None:
-    """Ask a running gateway to drain and exit (as SIGTERM does), through its admin API."""
-    import json
-    import urllib.error
-    import urllib.request
+def _admin_options(command: Callable[..., None]) -> Callable[..., None]:
+    command = click.option(
+        "--admin", "admin_url", metavar="URL",
+        help="The gateway's admin API, e.g. http://127.0.0.1:9883 (default: from the "
+             "config).")(command)
+    return click.option(
+        "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+        help="The config the gateway runs with (for admin.listen).")(command)
 
+
+def _admin(config_path: Path | None, admin_url: str | None, method: str, path: str,
+           body: Any = None) -> Any:
+    """Call the running gateway's admin API; its JSON answer, or a clear error."""
     if admin_url is None:
         host, port = split_host_port(_load_or_exit(config_path).admin.listen, "127.0.0.1")
         admin_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-    request = urllib.request.Request(admin_url.rstrip("/") + "/v1/drain", method="POST")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(admin_url.rstrip("/") + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            answer = json.loads(response.read())
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        try:
+            message = json.loads(err.read())["error"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {err.code} {err.reason}"
+        raise click.ClickException(message) from None
     except (urllib.error.URLError, OSError) as err:
         raise click.ClickException(f"cannot reach the admin API at {admin_url}: {err}") from None
+
+
+@main.command()
+@_admin_options
+def drain(config_path: Path | None, admin_url: str | None) -> None:
+    """Ask a running gateway to drain and exit (as SIGTERM does), through its admin API."""
+    answer = _admin(config_path, admin_url, "POST", "/v1/drain")
     click.echo(f"draining: {answer.get('queued', 0)} messages queued")
+
+
+@main.group()
+def maintenance() -> None:
+    """Maintenance windows of a running gateway (through its admin API)."""
+
+
+def _duration(text: str) -> float:
+    """"90", "90s", "15m", "2h" → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected seconds, or a number with s, m or h"
+                                 ) from None
+
+
+@maintenance.command("schedule")
+@click.argument("name")
+@click.option("--task", required=True, help="wal-compaction, audit-rotation, registry-rebuild "
+                                           "or a plugin's name.")
+@click.option("--start", help="ISO 8601 start (UTC when no offset is given).")
+@click.option("--cron", help="Cron expression (UTC) of a recurring window.")
+@click.option("--duration", required=True, help="Window length: 90, 90s, 15m, 2h.")
+@click.option("--min-slots", type=int, default=1, show_default=True)
+@click.option("--max-slots", type=int, default=1, show_default=True)
+@click.option("--max-defer", default="1h", show_default=True,
+              help="Longest the window may be deferred before it is skipped.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="A task option (VALUE is parsed as JSON when it can be).")
+@_admin_options
+def maintenance_schedule(name: str, task: str, start: str | None, cron: str | None,
+                         duration: str, min_slots: int, max_slots: int, max_defer: str,
+                         options: tuple[str, ...], config_path: Path | None,
+                         admin_url: str | None) -> None:
+    """Reserve capacity for a maintenance task, once (--start) or recurring (--cron)."""
+    parsed: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{option!r}: expected KEY=VALUE", param_hint="--option")
+        try:
+            parsed[key] = json.loads(value)
+        except ValueError:
+            parsed[key] = value
+    body = {"name": name, "task": task, "start": start, "cron": cron,
+            "duration_s": _duration(duration), "min_slots": min_slots, "max_slots": max_slots,
+            "max_defer_s": _duration(max_defer), "options": parsed}
+    answer = _admin(config_path, admin_url, "POST", "/v1/maintenance",
+                    {k: v for k, v in body.items() if v is not None})
+    click.echo(f"scheduled {answer['name']}: {answer['task']}, next window "
+               f"{answer['scheduled_start'] or answer['cron']}, {answer['min_slots']}.."
+               f"{answer['max_slots']} slots")
+
+
+@maintenance.command("list")
+@click.option("--json", "as_json", is_flag=True, help="The admin API's JSON as is.")
+@_admin_options
+def maintenance_list(as_json: bool, config_path: Path | None, admin_url: str | None) -> None:
+    """The reservations, their phase and the slots they hold now."""
+    answer = _admin(config_path, admin_url, "GET", "/v1/maintenance")
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    click.echo(f"reserved now: {answer['reserved_slots']} slots")
+    for r in answer["reservations"]:
+        when = (r["cron"] and f"cron {r['cron']!r}") or r["scheduled_start"] or r["start"]
+        click.echo(f"{r['name']:<20} {r['task']:<18} {r['phase']:<9} {r['slots']} slots "
+                   f"({r['min_slots']}..{r['max_slots']})  {when}  [{r['source']}]")
+
+
+@maintenance.command("cancel")
+@click.argument("name")
+@_admin_options
+def maintenance_cancel(name: str, config_path: Path | None, admin_url: str | None) -> None:
+    """Cancel a reservation; a window under way ends now and frees its slots."""
+    _admin(config_path, admin_url, "DELETE", f"/v1/maintenance/{urllib.parse.quote(name)}")
+    click.echo(f"cancelled {name}")
 
 
 @main.command("check-config")

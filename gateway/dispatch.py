@@ -166,6 +166,8 @@ class Dispatcher:
         self.protected: frozenset[str] = frozenset()
         """Tiers whose work maintenance never takes a slot from (besides the anomaly lanes)."""
         self.queued = 0
+        self.drains = 0
+        """Drains run so far (with ``served``: the load, for maintenance admission)."""
         self.pressure = False
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -181,6 +183,8 @@ class Dispatcher:
                  int(t.max_latency_ms * 1e6) if t.late == "shed" else None)
             for i, t in enumerate(tiers)]
         self.lanes = self.anomaly_lanes + self.routine_lanes
+        self.served = [0] * len(self.lanes)
+        """Messages handed to processing so far, per lane index."""
         self.lane_by_tier = {lane.name: lane for lane in self.lanes}
         self._weighted = any(lane.weight > 0.0 for lane in self.routine_lanes)
         self.batch_size = settings.batch_size
@@ -301,6 +305,7 @@ class Dispatcher:
         batch = [items.popleft() for _ in range(n)]
         self._settle_credits()
         self.queued -= n
+        self.served[lane.index] += n
         if lane.late_ns is not None and self._on_shed is not None:
             too_old = time.monotonic_ns() - lane.late_ns
             if batch and batch[0].received_ns < too_old:  # oldest first: none late otherwise
@@ -315,10 +320,12 @@ class Dispatcher:
         self._charge(lane, count)
         self._settle_credits()
         self.queued -= count
+        self.served[lane.index] += count
         resume()
 
     def _drain(self) -> None:
         self._scheduled = False
+        self.drains += 1
         can_process = self._can_process
         blocked = False
         maintenance = self._maintenance

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import builtins
 import math
-from collections.abc import Iterator
+from collections.abc import Generator
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from typing import Annotated, Any, Literal, Protocol, runtime_checkable
@@ -129,6 +129,8 @@ class MaintenanceSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
     reservations: list[Reservation] = msgspec.field(default_factory=list)
     # Fraction of capacity always left to anomaly + critical work.
     critical_headroom: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.3
+    protected_tiers: list[str] = msgspec.field(default_factory=list)
+    """Tiers counted as critical work, never displaced by maintenance (default: the first)."""
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
@@ -142,7 +144,8 @@ class MaintenanceSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
 
 # ------------------------------------------------------------------------- decisions
 
-Action = Literal["grant", "shrink", "grow", "pause", "resume", "defer", "skip", "complete"]
+Action = Literal["grant", "shrink", "grow", "pause", "resume", "defer", "skip", "complete",
+                 "cancel"]
 Phase = Literal["waiting", "deferred", "running", "paused", "done"]
 
 
@@ -212,6 +215,15 @@ class MaintenancePlanner:
         if reservation.name in self._live:
             raise MaintenanceError(f"reservation {reservation.name!r} already exists")
         self._live[reservation.name] = _Live(reservation)
+
+    def finish(self, name: str, now: float) -> bool:
+        """End a running or paused window early (its task is done): slots freed, a cron
+        reservation waits for its next occurrence. False if no window of it is open."""
+        live = self._live.get(name)
+        if live is None or live.phase not in ("running", "paused"):
+            return False
+        self._close_window(live, now)
+        return True
 
     def cancel(self, name: str) -> bool:
         """Drop a reservation, freeing its slots at once; the caller audits the cancel."""
@@ -367,7 +379,7 @@ class MaintenanceTask(Protocol):
 
     name: str
 
-    def steps(self, context: Any) -> Iterator[float | None]: ...
+    def steps(self, context: Any) -> Generator[float | None, None, None]: ...
 
 
 TASKS: dict[str, type] = {}

@@ -134,9 +134,6 @@ class KillOnceStage:
         for env in batch:
             if type(env.data) is dict:
                 env.data["pid"] = os.getpid()
-        if self.log:
-            with open(self.log, "a") as file:
-                file.writelines(f"{self.tag} {env.id}\n" for env in batch)
         return batch
 
 
