@@ -38,11 +38,12 @@ commit thread, so that every write to the segment has ended; then, in another th
 commits go on meanwhile), the segment is read and the kept frames are written to
 ``<segment>.compact`` and fsynced; last, as a job of the commit thread (serialized with the
 writes and the unlinks of fully retired segments), the temp file is renamed over the segment
-and the directory fsynced, unless the segment was deleted meanwhile. That thread reads the
-loop's live sets with ``in`` only (atomic under the GIL); a sealed segment's set only ever
-shrinks, and a record retired meanwhile may be kept (its marker still retires it) or dropped
-(it is retired). A crash leaves the old segment or the new one, which recover the same
-records, and maybe a temp file, which recovery deletes.
+and the directory fsynced, unless the segment was deleted meanwhile. (The fsyncs, like all
+of the log's, only when ``fsync`` is on.) The second thread reads the loop's live sets with
+``in`` only (atomic under the GIL): a sealed segment's set only ever shrinks, and a record
+retired meanwhile may be kept (its marker still retires it) or dropped (it is retired). A
+crash leaves the old segment or the new one, which recover the same records, and maybe a
+temp file, which recovery deletes.
 
 Recovery reads every segment in order, drops what the markers retire, and hands back the
 rest in append order. A torn or corrupt record (short frame, length past the end of file,
@@ -879,15 +880,21 @@ class WriteAheadLog:
         if segment is self._active or any(c.segment is segment for c in self._chunks):
             raise WALError(f"write-ahead log {self._dir}: segment {segment_name(first)} is "
                            "still being written")
-        if first in self._compactions:
+        running = self._compactions.get(first)
+        if running is not None and not running.done():
             raise WALError(f"write-ahead log {self._dir}: segment {segment_name(first)} is "
                            "being compacted already")
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         task = self._loop.create_task(self._compact(segment))
         self._compactions[first] = task
-        task.add_done_callback(lambda _: self._compactions.pop(first, None))
+        task.add_done_callback(partial(self._compaction_ended, first))
         return task
+
+    def _compaction_ended(self, first: int, task: asyncio.Task[CompactionResult | None]
+                          ) -> None:
+        if self._compactions.get(first) is task:  # not a later one of the same segment
+            del self._compactions[first]
 
     async def _compact(self, segment: _Segment) -> CompactionResult | None:
         loop = asyncio.get_running_loop()

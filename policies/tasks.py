@@ -155,8 +155,14 @@ class WALCompaction:
         if wal is None:
             context.log.info("%s: no write-ahead log in use; nothing to do", self.name)
             return
+        # Only the segments sealed by now: on a busy log, new ones seal all the time.
+        sealed = wal.sealed_segments()
+        if not sealed:
+            context.log.info("%s: no sealed segment; nothing to do", self.name)
+            return
+        last = sealed[-1].first
         seen: set[int] = set()
-        while (segment := self._next_candidate(wal, seen)) is not None:
+        while (segment := self._next_candidate(wal, seen, last)) is not None:
             seen.add(segment.first)
             try:
                 result = yield from _wait(wal.compact(segment.first))
@@ -169,9 +175,13 @@ class WALCompaction:
         context.log.info("%s: %d segments compacted, %d bytes reclaimed", self.name,
                          self.segments_compacted, self.bytes_reclaimed)
 
-    def _next_candidate(self, wal: WriteAheadLog, seen: set[int]) -> SegmentInfo | None:
-        # Listed afresh each time: after a long pause, segments may have gone or sealed.
+    def _next_candidate(self, wal: WriteAheadLog, seen: set[int],
+                        last: int) -> SegmentInfo | None:
+        # Listed afresh each time: after a long pause, segments may have gone (or their
+        # pending bytes may have been committed).
         for segment in wal.sealed_segments():
+            if segment.first > last:
+                break
             if (segment.first not in seen and segment.live
                     and segment.live_fraction < self.max_live_fraction):
                 return segment

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import itertools
 import json
@@ -23,7 +24,9 @@ from gateway.audit import (
     AuditLog,
     audit_files,
     audit_group,
+    compress_file,
     config_hash,
+    expired_files,
     verify,
 )
 from gateway.errors import GatewayError
@@ -290,6 +293,72 @@ def test_a_failed_rotation_keeps_the_current_file(tmp_path: Path) -> None:
     assert log.current_file == tmp_path / "audit-000002.jsonl"
     log.close()
     assert verify(tmp_path).ok
+
+
+# -- rotation on request, compressed files ------------------------------------------------
+def test_rotate_continues_the_chain_in_a_new_file(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, node_id="n")
+    with pytest.raises(AuditError, match="not open"):
+        log.rotate()
+    log.open()
+    log.record("first")
+    head = log.head
+    assert log.rotate(reason="test") == tmp_path / "audit-000001.jsonl"
+    assert log.current_file == tmp_path / "audit-000002.jsonl" and log.current_number == 2
+    (line,) = lines_of(tmp_path / "audit-000002.jsonl")
+    record = json.loads(line)
+    assert (record["event"], record["closed"], record["file"], record["reason"],
+            record["prev"]) == ("audit.rotated", "audit-000001.jsonl", "audit-000002.jsonl",
+                                "test", head)
+    log.close()
+    assert verify(tmp_path).records == 2
+
+
+def test_rotating_an_empty_file_does_nothing(tmp_path: Path) -> None:
+    (tmp_path / "audit-000003.jsonl").touch()
+    with AuditLog(tmp_path, node_id="n") as log:
+        assert log.rotate() is None
+        assert log.current_number == 3
+    assert log.current_number is None
+
+
+def test_compressed_files_read_as_the_plain_ones(chain: Path, tmp_path: Path) -> None:
+    plain = [p for _, p in audit_files(chain)]
+    before = verify(chain)
+    mtime = plain[0].stat().st_mtime_ns
+    packed, size, packed_size = compress_file(plain[0])
+    assert packed == plain[0].with_name("audit-000001.jsonl.gz") and not plain[0].exists()
+    assert size > packed_size == packed.stat().st_size and packed.stat().st_mtime_ns == mtime
+    compress_file(plain[1])
+    assert [p.name for _, p in audit_files(chain)][:2] == [packed.name, plain[1].name + ".gz"]
+    after = verify(chain)
+    assert (after.ok, after.records, after.files, after.head) == (True, before.records,
+                                                                  before.files, before.head)
+    assert verify(packed).ok and verify(packed).records == len(lines_of_gz(packed))
+    result = CliRunner().invoke(audit_group, ["verify", str(chain)])
+    assert result.exit_code == 0 and f"{before.records} records" in result.output
+    # A restart resumes after them, even when the newest file holds nothing complete.
+    newest = audit_files(chain)[-1][1]
+    for _, path in audit_files(chain)[2:-1]:
+        compress_file(path)
+    newest.write_bytes(b"")
+    with AuditLog(chain, node_id="n", max_file_bytes=4096) as log:
+        log.record("after")
+    assert verify(chain).ok
+
+
+def test_only_the_oldest_compressed_files_expire(chain: Path) -> None:
+    files = [p for _, p in audit_files(chain)]
+    packed = [compress_file(p)[0] for p in files[:-1]]
+    old = time.time() - 3600
+    for path in [packed[0], packed[2]]:
+        os.utime(path, (old, old))
+    assert expired_files(chain, older_than=time.time() - 60) == [packed[0]]
+    assert expired_files(chain, older_than=time.time() + 60) == packed  # never the plain one
+
+
+def lines_of_gz(path: Path) -> list[bytes]:
+    return gzip.decompress(path.read_bytes()).splitlines(keepends=True)
 
 
 # -- tampering: each found at the right file:line ---------------------------------------

@@ -30,7 +30,7 @@ from gateway.config import WALSection
 from gateway.envelope import Envelope
 from gateway.errors import GatewayError, WALError
 from gateway.metrics import Metrics
-from gateway.wal import COMMIT_BYTES, WriteAheadLog
+from gateway.wal import COMMIT_BYTES, CompactionResult, WriteAheadLog
 
 ROOT = Path(__file__).parents[2]
 
@@ -357,6 +357,139 @@ def test_a_pinned_segment_does_not_bring_back_what_was_retired(tmp_path: Path) -
 
     a, rest = run(main())
     assert ids(recover(tmp_path)) == ids(a[:1] + rest)
+
+
+# -- compaction ----------------------------------------------------------------------------
+def test_compaction_keeps_what_its_markers_retired_in_older_segments(tmp_path: Path) -> None:
+    """B holds the markers that retired most of A's records and is itself pinned by one
+    record; compacting B alone (A is mostly live) drops those markers, so B's new file
+    carries a summary of A instead: A's retired records do not come back."""
+
+    async def main() -> tuple[list[Envelope], list[Envelope], list[Envelope]]:
+        wal = WriteAheadLog(tmp_path, config(segment_bytes=4096))
+        wal.recover()
+        a, b, c = (envelopes(30, 30 * i) for i in range(3))
+        assert await commit(wal, a) is None  # A is full
+        assert await commit(wal, b[:10]) is None  # B is active now
+        wal.retire([e.wal_seq for e in a[:3]])
+        assert await commit(wal, b[10:]) is None  # the markers went to B; B is full
+        wal.retire([e.wal_seq for e in b[1:]])
+        assert await commit(wal, c) is None  # C is active now: A and B are sealed
+        info = {s.first: s for s in wal.sealed_segments()}
+        first_a, first_b = sorted(info)
+        assert (info[first_a].live, info[first_b].live) == (27, 1)
+        size = os.path.getsize(info[first_b].path)
+        result = await wal.compact(first_b)
+        assert result is not None and (result.kept, result.dropped) == (1, 29)
+        assert result.bytes_before == size > result.bytes_after == os.path.getsize(
+            info[first_b].path)
+        kinds = [kind for _, _, kind in frames(Path(info[first_b].path))]
+        assert kinds == [APPEND, RETIRE_EXCEPT]
+        assert [s.records for s in wal.sealed_segments()] == [30, 1]
+        await wal.close()
+        return a[3:], b[:1], c
+
+    kept_a, kept_b, c = run(main())
+    assert ids(recover(tmp_path)) == ids(kept_a + kept_b + c)
+
+
+def test_compaction_refuses_what_it_cannot_compact(tmp_path: Path) -> None:
+    async def main() -> None:
+        wal = WriteAheadLog(tmp_path, config(segment_bytes=4096))
+        with pytest.raises(WALError, match="not recovered yet"):
+            wal.compact(1)
+        wal.recover()
+        assert wal.sealed_segments() == []
+        assert await commit(wal, envelopes(30)) is None
+        assert await commit(wal, envelopes(30, 30)) is None
+        (sealed,) = wal.sealed_segments()
+        active = segments(tmp_path)[-1].name
+        with pytest.raises(WALError, match=f"segment {active} is still being written"):
+            wal.compact(int(active[4:24]))
+        with pytest.raises(WALError, match=r"no segment wal-00000000000000000999\.log"):
+            wal.compact(999)
+        first = wal.compact(sealed.first)
+        with pytest.raises(WALError, match="is being compacted already"):
+            wal.compact(sealed.first)
+        assert await first is not None  # nothing retired: rewritten all the same
+        assert await wal.compact(sealed.first) is not None  # done: may be compacted again
+        await wal.close()
+        with pytest.raises(WALError, match="closed"):
+            wal.compact(sealed.first)
+
+    run(main())
+
+
+@pytest.mark.parametrize("deleted", ["before it is read", "after it is read"])
+def test_a_segment_retired_while_it_is_compacted_is_not_brought_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deleted: str) -> None:
+    """The segment's last records are retired, and the commit that follows deletes it, while
+    the compaction thread works: the compacted file is not renamed into its place."""
+    from gateway import wal as wal_module
+
+    rewrite = wal_module._rewrite
+
+    def wait_for_the_unlink(path: str) -> None:
+        deadline = time.monotonic() + 5
+        while os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def racing_rewrite(job: Any) -> Any:
+        if deleted == "before it is read":
+            wait_for_the_unlink(job.path)
+            return rewrite(job)
+        result = rewrite(job)
+        wait_for_the_unlink(job.path)
+        return result
+
+    monkeypatch.setattr(wal_module, "_rewrite", racing_rewrite)
+
+    async def main() -> list[Envelope]:
+        wal = WriteAheadLog(tmp_path, config(segment_bytes=4096))
+        wal.recover()
+        a, b = envelopes(30), envelopes(30, 30)
+        assert await commit(wal, a) is None
+        assert await commit(wal, b) is None
+        (sealed,) = wal.sealed_segments()
+        compaction = wal.compact(sealed.first)
+        await asyncio.sleep(0.01)  # under way
+        wal.retire([e.wal_seq for e in a])  # all of A: the next commit deletes it
+        assert await commit(wal, []) is None
+        assert await compaction is None
+        assert not os.path.exists(sealed.path)
+        assert not list(tmp_path.glob("*.compact"))
+        await wal.close()
+        return b
+
+    b = run(main())
+    assert ids(recover(tmp_path)) == ids(b)
+
+
+def test_close_waits_for_a_compaction(tmp_path: Path) -> None:
+    async def main() -> None:
+        wal = WriteAheadLog(tmp_path, config(segment_bytes=4096))
+        wal.recover()
+        a = envelopes(30)
+        assert await commit(wal, a) is None
+        assert await commit(wal, envelopes(30, 30)) is None
+        wal.retire([e.wal_seq for e in a[1:]])
+        (sealed,) = wal.sealed_segments()
+        compaction = wal.compact(sealed.first)
+        await wal.close()
+        assert compaction.done()
+        assert not list(tmp_path.glob("*.compact"))
+
+    run(main())
+    assert ids(recover(tmp_path))[:2] == ["m0", "m30"]
+
+
+def test_a_leftover_compaction_file_is_deleted_at_start(tmp_path: Path) -> None:
+    write_log(tmp_path, 40, segment_bytes=4096)
+    first = segments(tmp_path)[0]
+    leftover = first.with_name(first.name + ".compact")
+    leftover.write_bytes(first.read_bytes()[:100])  # torn: the process died writing it
+    assert ids(recover(tmp_path)) == ids(envelopes(40))
+    assert not leftover.exists()
 
 
 def test_order_is_kept_across_many_segments(tmp_path: Path) -> None:
@@ -835,11 +968,20 @@ def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
 
 
 # -- a model ---------------------------------------------------------------------------------
+def reap(compacting: dict[int, asyncio.Task[CompactionResult | None]]) -> None:
+    """Forget the compactions that ended (raising if one failed)."""
+    for first, task in list(compacting.items()):
+        if task.done():
+            task.result()
+            del compacting[first]
+
+
 operations = st.lists(st.one_of(
     st.tuples(st.just("append"), st.integers(0, 40)),
     st.tuples(st.just("retire"), st.lists(st.integers(0, 10_000), max_size=30)),
     st.tuples(st.just("retire_oldest"), st.integers(1, 60)),
     st.tuples(st.just("reopen"), st.just(0)),
+    st.tuples(st.just("compact"), st.integers(0, 3)),
 ), max_size=40)
 
 
@@ -848,8 +990,10 @@ operations = st.lists(st.one_of(
 @given(ops=operations)
 def test_the_log_matches_a_model(tmp_path_factory: pytest.TempPathFactory,
                                  ops: list[tuple[str, Any]]) -> None:
-    """Whatever the appends, retirements and restarts: a start hands back exactly the
-    acknowledged records not yet retired, in order, and fully retired segments go away."""
+    """Whatever the appends, retirements, compactions and restarts: a start hands back
+    exactly the acknowledged records not yet retired, in order, and fully retired segments
+    go away. ``compact`` starts compacting up to three sealed segments, the newest (0: all
+    of them, and waits), and lets the next operations run while it goes on."""
     path = tmp_path_factory.mktemp("model")
     overrides = {"segment_bytes": 4096, "commit_interval_ms": 0.2}
 
@@ -858,7 +1002,9 @@ def test_the_log_matches_a_model(tmp_path_factory: pytest.TempPathFactory,
         model: dict[str, int] = {}  # id → seq, in append order
         assert wal.recover() == []
         counter = 0
+        compacting: dict[int, asyncio.Task[CompactionResult | None]] = {}
         for op, arg in ops:
+            reap(compacting)
             if op == "append":
                 batch = envelopes(arg, counter)
                 counter += arg
@@ -869,8 +1015,17 @@ def test_the_log_matches_a_model(tmp_path_factory: pytest.TempPathFactory,
                 chosen = (live[:arg] if op == "retire_oldest"
                           else [live[i % len(live)] for i in arg] if live else [])
                 wal.retire([model.pop(i) for i in dict.fromkeys(chosen)])
+            elif op == "compact":
+                sealed = [s.first for s in wal.sealed_segments()
+                          if s.live and s.first not in compacting]
+                for first in sealed[-arg:] if arg else sealed:  # newest first: summaries
+                    compacting[first] = wal.compact(first)
+                if arg == 0:
+                    await asyncio.gather(*compacting.values())
             else:
                 await wal.close()
+                reap(compacting)
+                assert not compacting
                 wal = WriteAheadLog(path, config(**overrides))
                 back = wal.recover()
                 assert [(e.id, e.wal_seq) for e in back] == list(model.items())
