@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import csv
 import sys
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Generator, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -115,6 +115,19 @@ class DeviceRegistry:
     @classmethod
     def load(cls, path: str | Path, *, tiers: Collection[str] | None = None) -> DeviceRegistry:
         """Load a ``.toml`` or ``.csv`` file; ``tiers``, if given, are the valid tier names."""
+        loading = cls.loading(path, tiers=tiers)
+        while True:
+            try:
+                next(loading)
+            except StopIteration as done:
+                return cast(DeviceRegistry, done.value)
+
+    @classmethod
+    def loading(cls, path: str | Path, *, tiers: Collection[str] | None = None,
+                rows_per_step: int = 0) -> Generator[None, None, DeviceRegistry]:
+        """``load`` in steps: with ``rows_per_step``, a CSV file's rows are read that many
+        at a time, the generator yielding in between (to run on an event loop in slices);
+        it returns the registry. A TOML file is read in one step."""
         name = str(path)
         suffix = Path(path).suffix.lower()
         if suffix not in (".toml", ".csv"):
@@ -124,7 +137,7 @@ class DeviceRegistry:
         try:
             if suffix == ".csv":
                 with open(path, encoding="utf-8-sig", newline="") as file:
-                    records, names = _load_csv(file, name, checker)
+                    records, names = yield from _load_csv(file, name, checker, rows_per_step)
             else:
                 with open(path, "rb") as binary:
                     records, names = _load_toml(binary.read(), name, checker)
@@ -188,9 +201,11 @@ class _TierCheck:
         return None
 
 
-def _load_csv(file: Any, name: str,
-              check_tier: _TierCheck) -> tuple[dict[str, DeviceRecord], tuple[str, ...]]:
-    reader = csv.reader(file)
+def _load_csv(file: Any, name: str, check_tier: _TierCheck, rows_per_step: int = 0,
+              ) -> Generator[None, None, tuple[dict[str, DeviceRecord], tuple[str, ...]]]:
+    reader: Any = csv.reader(file)
+    if rows_per_step:  # rows come in slices; the generator yields between them
+        reader = _sliced(reader, rows_per_step)
     try:
         header = next(reader, None)
         if header is None:
@@ -215,6 +230,8 @@ def _load_csv(file: Any, name: str,
             n = len(row)
             if n != width:
                 if n == 0:
+                    if row is _STEP:
+                        yield  # a slice is done
                     continue  # blank line
                 if n < 5:
                     raise ConfigError(f"registry {name}:{reader.line_num}: "
@@ -249,6 +266,33 @@ def _load_csv(file: Any, name: str,
     except csv.Error as err:
         raise ConfigError(f"registry {name}:{reader.line_num}: {err}") from None
     return records, names
+
+
+_STEP: list[str] = []
+"""An empty row (skipped like a blank line) that marks the end of a slice."""
+
+
+class _sliced:
+    """A csv reader that gives the ``_STEP`` row after every ``size`` rows."""
+
+    def __init__(self, reader: Any, size: int) -> None:
+        self._reader = reader
+        self._size = size
+        self._left = size
+
+    @property
+    def line_num(self) -> int:
+        return int(self._reader.line_num)
+
+    def __iter__(self) -> _sliced:
+        return self
+
+    def __next__(self) -> list[str]:
+        if not self._left:
+            self._left = self._size
+            return _STEP
+        self._left -= 1
+        return cast(list[str], next(self._reader))
 
 
 _CORE_TOML = ("tenant", "tier", "device_class", "region")

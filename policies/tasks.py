@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 POLL_S = 0.01
+DEFAULT_ROWS_PER_SLICE = 500
 """What a slice yields while a thread works: seconds until the next poll is worth it."""
 
 _T = TypeVar("_T")
@@ -288,12 +289,19 @@ def _delete_expired(directory: Path, cutoff: float) -> list[str]:
 
 # -- registry-rebuild -----------------------------------------------------------------------
 class RegistryRebuild:
-    """Reload the device registry file (parsed in a thread), then swap it in. No options."""
+    """Reload the device registry file and swap it in. A CSV file is parsed on the loop in
+    slices of ``rows_per_slice`` rows (default 500, about a millisecond), so the work stays
+    inside the slots the reservation holds; a TOML file is parsed in a thread."""
 
     name = "registry-rebuild"
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
-        _check_options(self.name, options, ())
+        _check_options(self.name, options, ("rows_per_slice",))
+        rows = (options or {}).get("rows_per_slice", DEFAULT_ROWS_PER_SLICE)
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= 1_000_000:
+            raise MaintenanceError(f"task {self.name!r}: rows_per_slice: expected an integer "
+                                   f"from 1 to 1000000, got {rows!r}")
+        self.rows_per_slice = rows
         self.devices = 0
 
     def steps(self, context: TaskContext) -> Iterator[float | None]:
@@ -301,9 +309,13 @@ class RegistryRebuild:
         if not path:
             context.log.info("%s: no device registry configured; nothing to do", self.name)
             return
-        load = partial(DeviceRegistry.load, path, tiers=context.tiers)
         try:
-            registry = yield from _wait(_in_thread(load))
+            if Path(path).suffix.lower() == ".csv":
+                registry = yield from DeviceRegistry.loading(
+                    path, tiers=context.tiers, rows_per_step=self.rows_per_slice)
+            else:
+                load = partial(DeviceRegistry.load, path, tiers=context.tiers)
+                registry = yield from _wait(_in_thread(load))
         except ConfigError as err:
             raise MaintenanceTaskError(f"{self.name}: {err}; the registry in use is unchanged"
                                        ) from err

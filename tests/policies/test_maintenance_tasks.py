@@ -86,7 +86,8 @@ def test_the_three_tasks_are_registered_by_name() -> None:
     ("audit-rotation", {"retain_days": -1}, "options.retain_days: expected a number > 0, got -1"),
     ("audit-rotation", {"retain_days": float("nan")}, "expected a number, got nan"),
     ("audit-rotation", {"keep": 3}, "unknown option 'keep' (known: retain_days)"),
-    ("registry-rebuild", {"path": "x.csv"}, "unknown option 'path' (it takes none)"),
+    ("registry-rebuild", {"path": "x.csv"}, "unknown option 'path' (known: rows_per_slice)"),
+    ("registry-rebuild", {"rows_per_slice": 0}, "rows_per_slice: expected an integer"),
 ])
 def test_bad_options_are_refused_clearly(name: str, options: dict[str, Any],
                                          message: str) -> None:
