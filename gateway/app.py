@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ SERVER_SHUTTING_DOWN = 0x8B
 KEEP_ALIVE_TIMEOUT = 0x8D
 HOUSEKEEPING_INTERVAL_S = 0.5
 SINK_FLUSH_INTERVAL_S = 1.0
+GIL_SWITCH_INTERVAL_S = 0.0005
 ALERT_CLOSE_TIMEOUT_S = 2.0  # how long queued webhook alerts may delay a reload or a stop
 ADOPT_INTERVAL_S = 5.0  # how often to look for the logs of daemons that have exited
 
@@ -338,6 +340,10 @@ class Gateway:
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT (or ``request_stop``), then drain and stop."""
         loop = asyncio.get_running_loop()
+        # The write-ahead log's thread needs the GIL twice per group commit; with the default
+        # 5 ms switch interval a busy loop makes it wait up to that long each time, and every
+        # acknowledged message waits with it.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         handled = {signal.SIGTERM: lambda: self.request_stop("SIGTERM"),
                    signal.SIGINT: self._on_sigint, signal.SIGHUP: self.request_reload}
         for sig, handler in handled.items():  # before start: READY=1 invites signals

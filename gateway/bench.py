@@ -244,8 +244,9 @@ def _rss_mb(pid: int) -> float | None:
     return None
 
 
-async def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    for _ in range(200):
+async def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str,
+                     seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.05)):
         if proc.poll() is not None:
             raise GatewayError(f"{what} exited with {proc.returncode} before listening")
         try:

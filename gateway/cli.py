@@ -196,6 +196,35 @@ def maintenance_cancel(name: str, config_path: Path | None, admin_url: str | Non
     click.echo(f"cancelled {name}")
 
 
+@main.command("bench-scenario")
+@click.option("--overload", type=float, default=2.0, show_default=True,
+              help="Standard-tier offered load, times the measured processing capacity.")
+@click.option("--anomaly-rate", type=float, default=20.0, show_default=True,
+              help="Anomalous critical readings a second.")
+@click.option("--connections", type=int, default=4, show_default=True,
+              help="Connections of the standard-tier flood.")
+@click.option("--phase", "phase_s", type=float, default=5.0, show_default=True,
+              help="Seconds measured per phase.")
+@click.option("--phases", type=int, default=4, show_default=True,
+              help="Phases, alternately without and with a maintenance window.")
+@click.option("--peer/--no-peer", default=True, show_default=True,
+              help="Also run the same load through one FIFO lane (no tiers, no triage).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_scenario(overload: float, anomaly_rate: float, connections: int, phase_s: float,
+                   phases: int, peer: bool, as_json: bool) -> None:
+    """Tiers, anomalies and maintenance at twice the processing capacity, measured."""
+    from gateway.scenario_bench import ScenarioArgs, run_scenario
+
+    if phases < 2:
+        raise click.UsageError("--phases needs at least 2 (one without, one with maintenance)")
+    try:
+        run_scenario(ScenarioArgs(overload=overload, anomaly_rate=anomaly_rate,
+                                  connections=connections, phase_s=phase_s, phases=phases,
+                                  peer=peer), as_json)
+    except GatewayError as err:
+        raise click.ClickException(str(err)) from None
+
+
 @main.command("check-config")
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
 def check_config(path: Path) -> None:

@@ -172,6 +172,7 @@ class Dispatcher:
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
+        self._below: tuple[int, Callable[[], None]] | None = None
         self._configure(tiers, settings, anomaly_lanes)
 
     def _configure(self, tiers: list[Tier], settings: DispatchSection,
@@ -230,6 +231,14 @@ class Dispatcher:
         self._maintenance = run_slice if slots else None
         self._maintenance_ready = self._maintenance is not None
         self.kick()
+
+    def when_below(self, level: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, after a drain leaves fewer than ``level`` messages queued
+        (one waiter: a new call replaces the last)."""
+        self._below = (level, callback)
+        if self.queued < level:
+            self._below = None
+            callback()
 
     def maintenance_ready(self) -> None:
         if self._maintenance is not None:
@@ -359,6 +368,10 @@ class Dispatcher:
         if self.pressure and self.queued < self.resume_queued:
             self.pressure = False
             self._on_pressure(False)
+        if self._below is not None and self.queued < self._below[0]:
+            callback = self._below[1]
+            self._below = None
+            callback()
         if not self.queued:
             if self._idle is not None:
                 self._idle.set()

@@ -99,6 +99,7 @@ class MQTTIngest:
         self._connections = metrics.connections.labels("mqtt")
         self._summarise = summarise
         self._wal_paused: set[MQTTServerProtocol] = set()
+        self._shed_paused: set[MQTTServerProtocol] = set()
         self.uncommitted = 0  # messages waiting for their group commit
         self._max_uncommitted = max_uncommitted
         self._commit_pressure = False
@@ -136,6 +137,7 @@ class MQTTIngest:
     def on_close(self, client: MQTTServerProtocol) -> None:
         self.clients.discard(client)
         self._wal_paused.discard(client)
+        self._shed_paused.discard(client)
         self._connections.dec()
 
     def on_connect(self, client: MQTTServerProtocol, request: ConnectRequest) -> None:
@@ -177,7 +179,7 @@ class MQTTIngest:
         waiting: list[Envelope] = []  # this read's messages, in order
         durable: list[Envelope] = []  # the QoS >= 1 ones among them
         acks: list[Publish] = []
-        shed_counts: dict[str, int] | None = None
+        sheddable = 0  # messages of this read that may be shed (QoS 0 of a shed tier)
         for publish in batch:
             topic = publish.topic
             entry: tuple[Classification | PayloadRules, bool] | None = cache.get(topic)
@@ -193,10 +195,7 @@ class MQTTIngest:
             tier = c.tier
             qos = publish.qos
             if not qos and tier in shed:
-                if shed_counts is None:
-                    shed_counts = {}
-                shed_counts[tier] = shed_counts.get(tier, 0) + 1
-                continue
+                sheddable += 1
             envelope = Envelope(
                 prefix + str(next(sequence)), c.device, c.tenant, tier, c.region, topic,
                 publish.payload, received_ns, received_at, "mqtt", qos,
@@ -213,8 +212,11 @@ class MQTTIngest:
         n = len(batch)
         self.received += n
         self._received.inc(n)
-        if shed_counts:
-            self._count_shed(shed_counts)
+        if sheddable:
+            if sheddable == n:  # only sheddable work: take it, read no more from this client
+                self._pause_shedder(client)
+            else:  # mixed with work that must not be shed: shed what may be
+                waiting = self._shed(waiting, shed)
         if self.wal is None:
             for publish in acks:
                 client.conn.ack(publish)
@@ -308,6 +310,39 @@ class MQTTIngest:
         # Widen from the least urgent sheddable tier to all of them as the backlog grows.
         count_ = 1 + over * len(self._sheddable) // self._shed_span
         return frozenset(self._sheddable[:count_])
+
+    def _shed(self, waiting: list[Envelope], shed: frozenset[str] | tuple[()],
+              ) -> list[Envelope]:
+        """Drop the QoS 0 messages of the tiers being shed; count them."""
+        kept: list[Envelope] = []
+        counts: dict[str, int] = {}
+        for envelope in waiting:
+            if not envelope.qos and envelope.tier in shed:
+                counts[envelope.tier] = counts.get(envelope.tier, 0) + 1
+            else:
+                kept.append(envelope)
+        self._count_shed(counts)
+        return kept
+
+    def _pause_shedder(self, client: MQTTServerProtocol) -> None:
+        """A client whose read carried only work of the tiers being shed: that read is
+        taken, but nothing more is read from it until the backlog is well below
+        ``shed_above``. What it sends meanwhile waits in TCP, so the excess costs the sender,
+        not the gateway (reading and shedding a flood at wire speed would starve processing).
+        Clients whose reads mix in work that may not be shed keep being read, and the
+        sheddable part of such reads is shed."""
+        if client in self._shed_paused:
+            return
+        self._shed_paused.add(client)
+        self.metrics.ingest_pauses.inc()
+        client.pause_for_backpressure(True, reason="shed")
+        if len(self._shed_paused) == 1:
+            self.dispatcher.when_below(self._shed_above * 3 // 4, self._resume_shedders)
+
+    def _resume_shedders(self) -> None:
+        paused, self._shed_paused = self._shed_paused, set()
+        for client in paused:
+            client.pause_for_backpressure(False, reason="shed")
 
     def _count_shed(self, counts: dict[str, int]) -> None:
         for tier, n in counts.items():

@@ -50,6 +50,11 @@ class MQTTHooks(Protocol):
     def on_close(self, client: MQTTServerProtocol) -> None: ...
 
 
+READ_SLICE = 32 * 1024
+"""Bytes of one read handled per loop turn."""
+_NO_SLICES = (b"", 0, 0)
+
+
 class MQTTServerProtocol(asyncio.Protocol):
     def __init__(
         self, hooks: MQTTHooks, codec_options: dict[str, Any], write_high_water: int
@@ -64,7 +69,9 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.topic_cache: dict[str, Any] = {}
         self.subscriptions: set[str] = set()
         self.commits_pending = 0  # group commits that hold this client's messages and acks
-        self._paused_for: set[str] = set()  # why reading is paused: "writes" or the app's reasons
+        self._paused_for: set[str] = set()  # why reading is paused: "writes", "slices", or
+        # the app's reasons
+        self._slices: tuple[bytes, int, int] = _NO_SLICES  # (read, next offset, received_ns)
 
     # -- asyncio callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,6 +83,33 @@ class MQTTServerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         received_ns = time.monotonic_ns()
+        if len(data) <= READ_SLICE:
+            self._handle(data, received_ns)
+            return
+        # A large read is handled a slice per loop turn: other connections, the dispatcher
+        # and the write-ahead log's callbacks run in between, so a flood on one connection
+        # cannot hold the loop (and everyone's latency) for tens of milliseconds.
+        self._pause("slices")
+        self._slices = (data, READ_SLICE, received_ns)
+        self._handle(data[:READ_SLICE], received_ns)
+        asyncio.get_running_loop().call_soon(self._next_slice)
+
+    def _next_slice(self) -> None:
+        data, offset, received_ns = self._slices
+        if self.transport is None or self.conn.closed:
+            self._slices = _NO_SLICES
+            return
+        end = offset + READ_SLICE
+        if end < len(data):
+            self._slices = (data, end, received_ns)
+            asyncio.get_running_loop().call_soon(self._next_slice)
+        else:
+            self._slices = _NO_SLICES
+        self._handle(data[offset:end], received_ns)
+        if end >= len(data):
+            self._resume("slices")
+
+    def _handle(self, data: bytes, received_ns: int) -> None:
         conn = self.conn
         now = received_ns / 1e9
         events = conn.receive_data(data, now)

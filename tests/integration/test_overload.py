@@ -118,3 +118,41 @@ def test_qos0_is_shed_lowest_tier_first_and_counted(shedding: RunningGateway) ->
     assert shed("bulk") >= shed("standard")  # the least urgent go first
     for tier in ("bulk", "standard"):
         assert processed(tier) + shed(tier) == per_tier  # every message accounted for
+
+
+def test_a_pure_low_tier_flood_is_pushed_back_not_read_and_shed(
+        shedding: RunningGateway) -> None:
+    # One client floods bulk QoS 0 only; another sends critical messages meanwhile. Past
+    # shed_above the flooder is no longer read (TCP pushes back on it) instead of being read
+    # and shed at wire speed; the critical client keeps being read and served.
+    per_client = 20_000
+    flood = b"".join(frame("bulk/x", b"{}") for _ in range(per_client))
+    vitals = b"".join(frame("medical/x", b"{}") for _ in range(2_000))
+
+    def open_client(cid: bytes) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", shedding.mqtt_port))
+        connect = (b"\x00\x04MQTT\x04\x02\x00\x3c" + struct.pack("!H", len(cid)) + cid)
+        s.sendall(bytes([0x10, len(connect)]) + connect)
+        assert s.recv(4)[:1] == b"\x20"
+        return s
+
+    with open_client(b"flooder") as flooder, open_client(b"monitor") as monitor:
+        sender = threading.Thread(target=flooder.sendall, args=(flood,))
+        sender.start()
+        monitor.sendall(vitals + b"\xc0\x00")
+        assert monitor.recv(2) == b"\xd0\x00"  # all of it read while the flood went on
+        sender.join(60)
+        flooder.sendall(b"\xc0\x00")
+        assert flooder.recv(2) == b"\xd0\x00"
+    shedding.wait_for(lambda: not shedding.stats()["queued"])
+    metrics = shedding.metrics()
+
+    def sample(key: str) -> float:
+        line = next((x for x in metrics.splitlines() if x.startswith(key + " ")), None)
+        return float(line.split()[-1]) if line is not None else 0.0
+
+    assert sample('iotgw_messages_processed_total{tier="critical"}') == 2_000
+    assert sample("iotgw_ingest_pauses_total") > 0  # the flooder was pushed back...
+    # ...and what it sent was taken as the backlog allowed: processed, not read and shed.
+    assert sample('iotgw_messages_processed_total{tier="bulk"}') == per_client
+    assert sample('iotgw_messages_shed_total{reason="overload",tier="bulk"}') == 0
