@@ -46,7 +46,8 @@ from gateway.dispatch import Dispatcher, Lane
 from gateway.envelope import Envelope
 from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import MQTTIngest
-from gateway.maintenance import Maintenance, build_task
+from gateway.maintenance import Maintenance
+from gateway.maintenance import validate as validate_maintenance
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, StageContext, build_pipelines
 from gateway.registry import DeviceRegistry
@@ -56,7 +57,6 @@ from gateway.wal import WriteAheadLog
 from gateway.workers import Workers
 from policies.alerts import Alerter
 from policies.anomaly import AnomalyDetector
-from policies.maintenance import MaintenanceError
 from policies.tasks import TaskContext
 from protocols.mqtt.adapter import MQTTServerProtocol
 
@@ -167,14 +167,7 @@ class Gateway:
                               publish=self._publish_alert, audit=self._audit,
                               alerts=self.metrics.alerts, failures=self.metrics.alert_failures,
                               node=config.gateway.node_id)
-        for reservation in config.maintenance.reservations:
-            try:
-                build_task(reservation)
-            except MaintenanceError as err:
-                raise ConfigError(f"maintenance.reservations: {err}") from None
-        unknown = set(config.maintenance.protected_tiers) - set(config.tier_names)
-        if unknown:
-            raise ConfigError(f"maintenance.protected_tiers: unknown tiers {sorted(unknown)}")
+        validate_maintenance(config)
         return _Parts(config, registry, classifier, sinks, pipelines, detector, anomaly_lanes,
                       alerter)
 

@@ -192,7 +192,7 @@ def maintenance_list(as_json: bool, config_path: Path | None, admin_url: str | N
 @_admin_options
 def maintenance_cancel(name: str, config_path: Path | None, admin_url: str | None) -> None:
     """Cancel a reservation; a window under way ends now and frees its slots."""
-    _admin(config_path, admin_url, "DELETE", f"/v1/maintenance/{urllib.parse.quote(name)}")
+    _admin(config_path, admin_url, "DELETE", f"/v1/maintenance/{urllib.parse.quote(name, safe='')}")
     click.echo(f"cancelled {name}")
 
 
@@ -229,11 +229,13 @@ def bench_scenario(overload: float, anomaly_rate: float, connections: int, phase
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
 def check_config(path: Path) -> None:
     """Validate a config file: exit 0 if it is valid, 2 with the errors if not."""
+    from gateway.maintenance import validate as validate_maintenance
     from gateway.pipeline import validate_pipelines
 
     config = _load_or_exit(path)
     try:
         validate_pipelines(config)
+        validate_maintenance(config)
     except ConfigError as err:
         raise _ConfigClickException(f"{path}: {err}") from None
     click.echo(f"{path}: ok ({len(config.tiers)} tiers, {len(config.pipelines)} pipelines, "

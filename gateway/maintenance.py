@@ -43,7 +43,9 @@ from typing import Any
 import msgspec
 
 import policies.tasks  # noqa: F401 - registers the built-in tasks in TASKS
+from gateway.config import Config
 from gateway.dispatch import Dispatcher
+from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from policies.maintenance import (
     TASKS,
@@ -57,7 +59,7 @@ from policies.maintenance import (
 
 log = logging.getLogger("iotgw.maintenance")
 
-__all__ = ["Maintenance", "build_task"]
+__all__ = ["Maintenance", "build_task", "validate"]
 
 FAST_ALPHA = 0.1  # per tick (about a second): a time constant of about 10 s
 SLOW_ALPHA = 1 / 600  # about 10 minutes
@@ -76,6 +78,18 @@ def build_task(reservation: Reservation) -> Any:
         raise MaintenanceError(f"reservation {reservation.name!r}: {err}") from None
     except (TypeError, ValueError) as err:
         raise MaintenanceError(f"reservation {reservation.name!r}: options: {err}") from None
+
+
+def validate(config: Config) -> None:
+    """The config's reservations and protected tiers; ConfigError names what is wrong."""
+    for reservation in config.maintenance.reservations:
+        try:
+            build_task(reservation)
+        except MaintenanceError as err:
+            raise ConfigError(f"maintenance.reservations: {err}") from None
+    unknown = set(config.maintenance.protected_tiers) - set(config.tier_names)
+    if unknown:
+        raise ConfigError(f"maintenance.protected_tiers: unknown tiers {sorted(unknown)}")
 
 
 class _Running:
@@ -222,7 +236,16 @@ class Maintenance:
                 self._start_task(decision.name)
             elif decision.action in ("complete", "skip"):
                 self._stop_task(decision.name, "incomplete")
+                self._forget_if_over(decision.name)
         self._apply()
+
+    def _forget_if_over(self, name: str) -> None:
+        """A one-off reservation of the API whose window is over is not kept for the next
+        start (it would run again)."""
+        reservation = self._api.get(name)
+        if reservation is not None and reservation.start is not None:
+            del self._api[name]
+            self._save_api_reservations()
 
     def _decided(self, decision: Decision) -> None:
         self.metrics.maintenance_decisions.labels(decision.action).inc()
@@ -268,6 +291,7 @@ class Maintenance:
         if self.planner.finish(name, time.time()):
             self._decided(Decision(name=name, action="complete", slots=0, reason=why,
                                    at=time.time()))
+            self._forget_if_over(name)
         self._apply()
 
     def _apply(self) -> None:
