@@ -126,6 +126,7 @@ class Gateway:
                     if self.instance is not None else None)
         parts = self._build(config)
         self.sinks = parts.sinks
+        self.registry = parts.registry
         self.workers = Workers(parts.pipelines, self.metrics, config.retry,
                                on_finished=self._finished, audit=self._audit)
         self.dispatcher = Dispatcher(config.tiers, config.dispatch, self.workers.process,
@@ -185,9 +186,10 @@ class Gateway:
                 pipelines.update(dict.fromkeys(ANOMALY_LANES.values(), served[0]))
         return pipelines, classifier
 
-    def install_registry(self, registry: DeviceRegistry) -> None:
+    def install_registry(self, registry: DeviceRegistry) -> DeviceRegistry:
         """A rebuilt device registry (the registry-rebuild maintenance task): classification
-        and enrichment use it from the next message on; everything else is kept."""
+        and enrichment use it from the next message on; everything else is kept. Returns
+        the registry it replaces."""
         config = self.config
         pipelines, classifier = self._routing(config, registry, self.sinks,
                                               self.ingest.detector is not None)
@@ -197,6 +199,8 @@ class Gateway:
         log.info("device registry installed: %d devices from %s", len(registry),
                  registry.source)
         self._audit("registry.installed", devices=len(registry), source=registry.source)
+        old, self.registry = self.registry, registry
+        return old
 
     def _task_context(self) -> TaskContext:
         return TaskContext(wal=self.wal, audit=self.audit,
@@ -434,6 +438,7 @@ class Gateway:
         old_sinks = self.sinks
         self.config = new
         self.sinks = parts.sinks
+        self.registry = parts.registry
         self.dispatcher.reconfigure(new.tiers, new.dispatch,
                                     default_tier=new.classify.default_tier,
                                     anomaly_lanes=parts.anomaly_lanes)

@@ -67,6 +67,8 @@ EPSILON = 1e-9
 SHARE_SLACK = 1e-3
 # How many batches ahead the share test looks when the shares add up to (nearly) 1.
 MAX_LOOKAHEAD_BATCHES = 256
+# Longest a drain goes on handing out batches before it yields to the loop.
+DRAIN_BUDGET_NS = 2_000_000
 
 
 class Lane:
@@ -332,9 +334,30 @@ class Dispatcher:
         self.served[lane.index] += count
         resume()
 
+    def express(self) -> None:
+        """Serve the urgent lanes now, in the caller's turn, not the next one: called by
+        ingest when it queued anomalous or protected-tier work, so that it does not wait
+        behind a loop turn of reads and routine batches (each hop of a loop under load costs
+        milliseconds). Only batches the normal choice would pick, so shares still hold."""
+        can_process = self._can_process
+        routine = len(self.anomaly_lanes)
+        for _ in range(self.slots):
+            if can_process is not None and not can_process():
+                return
+            lane = self.choose()
+            if lane is None or (lane.index >= routine and lane.name not in self.protected):
+                return
+            if lane.resumed:
+                self._resume(lane)
+                continue
+            batch = self._take(lane)
+            if batch:
+                self._process(lane, batch)
+
     def _drain(self) -> None:
         self._scheduled = False
         self.drains += 1
+        deadline = time.monotonic_ns() + DRAIN_BUDGET_NS
         can_process = self._can_process
         blocked = False
         maintenance = self._maintenance
@@ -361,6 +384,8 @@ class Dispatcher:
             batch = self._take(lane)
             if batch:
                 self._process(lane, batch)
+            if time.monotonic_ns() > deadline:
+                break  # the rest in the next turn: sockets and callbacks wait meanwhile
         if blocked and self._preempt is not None:
             urgent = sum(len(lane) for lane in self.anomaly_lanes)
             if urgent:

@@ -115,6 +115,7 @@ class MQTTIngest:
         self.classifier = classifier
         self.detector = detector
         self._lanes = {lane.name: lane.items for lane in self.dispatcher.lanes}
+        self._urgent_tiers = self.dispatcher.protected
         self._deadline_ns = {t.name: int(t.max_latency_ms * 1_000_000) for t in tiers}
         self._rank = {t.name: i for i, t in enumerate(tiers)}
         # Tiers that may be shed, least urgent first, and the backlog window over which
@@ -231,10 +232,20 @@ class MQTTIngest:
         if not envelopes:
             return
         lanes = self._lanes
+        urgent = self._urgent_tiers
+        express = False
         for envelope in envelopes:
             severity = envelope.anomaly
-            lanes[ANOMALY_LANES[severity] if severity else envelope.tier].append(envelope)
+            if severity:
+                lanes[ANOMALY_LANES[severity]].append(envelope)
+                express = True
+            else:
+                lanes[envelope.tier].append(envelope)
+                if envelope.tier in urgent:
+                    express = True
         self.dispatcher.accepted(len(envelopes))
+        if express:
+            self.dispatcher.express()
 
     def _append_durably(self, client: MQTTServerProtocol, waiting: list[Envelope],
                         durable: list[Envelope], acks: list[Publish]) -> None:

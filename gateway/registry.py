@@ -13,6 +13,10 @@ loading a registry of unique values does not pay for a table it cannot use).
 ``lookup()`` builds the public, self-contained ``DeviceInfo`` (with its own ``attributes``
 dict) on each call; hot paths that run per message use ``record()``, which allocates nothing.
 
+The records are split over ``SHARDS`` dicts by the device id's hash, so that a registry is
+built and freed in short steps (``loading``, ``dismantle``): the maintenance task that rebuilds
+it runs on the event loop in slices.
+
 Formats::
 
     # devices.toml                          # devices.csv
@@ -45,6 +49,11 @@ CORE_COLUMNS: tuple[str, ...] = ("device", "tenant", "tier", "device_class", "re
 # Beyond this a column is treated as high-cardinality (serial numbers, install dates...): its
 # values are no longer interned, since sharing would save nothing and the table would cost.
 _DEDUP_LIMIT = 65_536
+# The records live in SHARDS dicts chosen by the device id's hash: growing or freeing one
+# small dict at a time keeps every step of a rebuild short (a 1M-entry dict's last resize
+# copies it whole: ~30 ms).
+SHARDS = 64
+SHARD_MASK = SHARDS - 1
 
 
 class DeviceInfo(msgspec.Struct, frozen=True, gc=False, kw_only=True):
@@ -87,11 +96,20 @@ def _record_type(width: int) -> type[DeviceRecord]:
 class DeviceRegistry:
     """An immutable device id → ``DeviceRecord`` map."""
 
-    __slots__ = ("_names", "_records", "source")
+    __slots__ = ("_names", "_shards", "_size", "source")
 
-    def __init__(self, records: dict[str, DeviceRecord] | None = None,
-                 attribute_names: tuple[str, ...] = (), source: str = "") -> None:
-        self._records: dict[str, DeviceRecord] = records if records is not None else {}
+    def __init__(self, records: dict[str, DeviceRecord] | list[dict[str, DeviceRecord]]
+                 | None = None, attribute_names: tuple[str, ...] = (), source: str = "") -> None:
+        """``records``: device → record, or already split into ``SHARDS`` shards by
+        ``shard_of``."""
+        if isinstance(records, list):
+            self._shards = tuple(records)
+        else:
+            shards: list[dict[str, DeviceRecord]] = [{} for _ in range(SHARDS)]
+            for device, record in (records or {}).items():
+                shards[hash(device) & SHARD_MASK][device] = record
+            self._shards = tuple(shards)
+        self._size = sum(map(len, self._shards))
         self._names = attribute_names
         self.source = source
 
@@ -135,6 +153,7 @@ class DeviceRegistry:
                               "(expected .toml or .csv)")
         checker = _TierCheck(tiers)
         try:
+            records: dict[str, DeviceRecord] | list[dict[str, DeviceRecord]]
             if suffix == ".csv":
                 with open(path, encoding="utf-8-sig", newline="") as file:
                     records, names = yield from _load_csv(file, name, checker, rows_per_step)
@@ -154,7 +173,7 @@ class DeviceRegistry:
 
     def lookup(self, device: str) -> DeviceInfo | None:
         """The device's information as a new ``DeviceInfo``; ``None`` if unknown."""
-        record = self._records.get(device)
+        record = self._shards[hash(device) & SHARD_MASK].get(device)
         if record is None:
             return None
         return DeviceInfo(tenant=record.tenant, tier=record.tier,
@@ -163,7 +182,7 @@ class DeviceRegistry:
 
     def record(self, device: str) -> DeviceRecord | None:
         """The stored record (no allocation): for per-message use."""
-        return self._records.get(device)
+        return self._shards[hash(device) & SHARD_MASK].get(device)
 
     def attributes(self, record: DeviceRecord) -> dict[str, str]:
         """A new dict of the extra attributes ``record`` (of this registry) has."""
@@ -173,13 +192,22 @@ class DeviceRegistry:
         return {k: v for k, v in zip(self._names, values, strict=True) if v}
 
     def __len__(self) -> int:
-        return len(self._records)
+        return self._size
 
     def __contains__(self, device: object) -> bool:
-        return device in self._records
+        return isinstance(device, str) and device in self._shards[hash(device) & SHARD_MASK]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._records)
+        for shard in self._shards:
+            yield from shard
+
+    def dismantle(self) -> Generator[None, None, None]:
+        """Empty the registry a shard per step: freeing a million records at once would
+        hold the loop for tens of milliseconds. Only for a registry nobody uses any more."""
+        for shard in self._shards:
+            shard.clear()
+            yield
+        self._size = 0
 
     def __repr__(self) -> str:
         return f"DeviceRegistry({self.source!r}, {len(self)} devices)"
@@ -202,7 +230,7 @@ class _TierCheck:
 
 
 def _load_csv(file: Any, name: str, check_tier: _TierCheck, rows_per_step: int = 0,
-              ) -> Generator[None, None, tuple[dict[str, DeviceRecord], tuple[str, ...]]]:
+              ) -> Generator[None, None, tuple[list[dict[str, DeviceRecord]], tuple[str, ...]]]:
     reader: Any = csv.reader(file)
     if rows_per_step:  # rows come in slices; the generator yields between them
         reader = _sliced(reader, rows_per_step)
@@ -222,7 +250,7 @@ def _load_csv(file: Any, name: str, check_tier: _TierCheck, rows_per_step: int =
         width = len(header)
         record = _record_type(len(names))
         padding = ("",) * len(names)
-        records: dict[str, DeviceRecord] = {}
+        shards: list[dict[str, DeviceRecord]] = [{} for _ in range(SHARDS)]
         intern = sys.intern
         # Per extra column: value → shared value, or None once the column is high-cardinality.
         columns: list[dict[str, str] | None] = [{} for _ in names]
@@ -257,15 +285,16 @@ def _load_csv(file: Any, name: str, check_tier: _TierCheck, rows_per_step: int =
                         table[value] = value
                     else:
                         columns[i] = None
-            size = len(records)
-            records[device] = record(intern(row[1]), intern(tier), intern(row[3]),
-                                     intern(row[4]), *row[5:])
-            if len(records) == size:
+            shard = shards[hash(device) & SHARD_MASK]
+            size = len(shard)
+            shard[device] = record(intern(row[1]), intern(tier), intern(row[3]),
+                                   intern(row[4]), *row[5:])
+            if len(shard) == size:
                 raise ConfigError(f"registry {name}:{reader.line_num}: "
                                   f"duplicate device {device!r}")
     except csv.Error as err:
         raise ConfigError(f"registry {name}:{reader.line_num}: {err}") from None
-    return records, names
+    return shards, names
 
 
 _STEP: list[str] = []

@@ -250,6 +250,8 @@ def _snapshot(admin: str) -> Snapshot:
             elif (s.name == "iotgw_anomaly_detect_latency_seconds_bucket"
                   and s.labels.get("path") == "all"):
                 snap.detect[float(s.labels["le"])] = s.value
+            elif s.name == "iotgw_wal_commit_latency_seconds_bucket":
+                snap.latency.setdefault("(wal commit)", {})[float(s.labels["le"])] = s.value
             elif s.name == "iotgw_messages_processed_total":
                 snap.counters[("processed", s.labels["tier"])] = s.value
             elif s.name == "iotgw_messages_shed_total":
@@ -478,7 +480,8 @@ def _report(capacity: float, phases: dict[str, Phase], fifo: dict[str, Phase] | 
         processed = sum(v for (m, _), v in phase.counters.items() if m == "processed")
         report["runs"][f"tiered, {name}"] = {
             "seconds": phase.seconds,
-            "tiers": {t: _tier_figures(phase, t) for t in (*TIERS, "anomaly-critical")},
+            "tiers": {t: _tier_figures(phase, t)
+                      for t in (*TIERS, "anomaly-critical", "(wal commit)")},
             "standard_share": (phase.counters.get(("processed", "standard"), 0.0) / processed
                                if processed else 0.0),
             "detect_p50_ms": quantile(phase.detect, 0.5),

@@ -35,6 +35,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping
 from dataclasses import dataclass
@@ -85,8 +86,8 @@ class TaskContext:
     """The configured device registry file (CSV or TOML), or None."""
     tiers: Collection[str]
     """Valid tier names, to check the registry's against."""
-    install_registry: Callable[[DeviceRegistry], None]
-    """Swaps the live registry in (called on the loop)."""
+    install_registry: Callable[[DeviceRegistry], DeviceRegistry | None]
+    """Swaps the live registry in (called on the loop); returns the one it replaced."""
     log: logging.Logger
 
 
@@ -319,10 +320,12 @@ class RegistryRebuild:
         except ConfigError as err:
             raise MaintenanceTaskError(f"{self.name}: {err}; the registry in use is unchanged"
                                        ) from err
-        context.install_registry(registry)
+        old = context.install_registry(registry)
         self.devices = len(registry)
         context.log.info("%s: %d devices loaded from %s and installed", self.name,
                          self.devices, path)
+        if old is not None and sys.getrefcount(old) <= 2:  # ours alone (and the call's)
+            yield from old.dismantle()  # freed a shard per slice, not all at once
 
 
 for _task in (WALCompaction, AuditRotation, RegistryRebuild):
