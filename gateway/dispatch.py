@@ -400,7 +400,7 @@ class Dispatcher:
         if not self.queued:
             if self._idle is not None:
                 self._idle.set()
-            if budget and not blocked:
+            if self._maintenance_ready and not blocked:
                 self.kick()  # maintenance still has slices ready
         elif not blocked:
             self.kick()

@@ -118,11 +118,8 @@ class MQTTIngest:
         self._urgent_tiers = self.dispatcher.protected
         self._deadline_ns = {t.name: int(t.max_latency_ms * 1_000_000) for t in tiers}
         self._rank = {t.name: i for i, t in enumerate(tiers)}
-        # Tiers that may be shed, least urgent first, and the backlog window over which
-        # shedding widens from the least urgent of them to all of them.
-        self._sheddable = [t.name for t in reversed(tiers) if t.shed_qos0]
+        self._sheddable = frozenset(t.name for t in tiers if t.shed_qos0)
         self._shed_above = dispatch.shed_above
-        self._shed_span = max(1, dispatch.max_queued - dispatch.shed_above)
         for client in self.clients:
             client.topic_cache.clear()
 
@@ -315,12 +312,18 @@ class MQTTIngest:
             self._wal_paused.clear()
 
     def _shed_tiers(self) -> frozenset[str] | tuple[()]:
-        over = self.dispatcher.queued - self._shed_above
-        if over <= 0 or not self._sheddable:
+        """The tiers whose QoS 0 messages are shed now: those with more than ``shed_above``
+        messages queued at or ahead of them (a message waits only for those). Lower tiers
+        therefore go first, and a burst of bulk work never costs premium messages."""
+        if self.dispatcher.queued <= self._shed_above or not self._sheddable:
             return ()
-        # Widen from the least urgent sheddable tier to all of them as the backlog grows.
-        count_ = 1 + over * len(self._sheddable) // self._shed_span
-        return frozenset(self._sheddable[:count_])
+        shed = []
+        ahead = 0
+        for lane in self.dispatcher.lanes:  # most urgent first
+            ahead += len(lane.items)
+            if ahead > self._shed_above and lane.name in self._sheddable:
+                shed.append(lane.name)
+        return frozenset(shed)
 
     def _shed(self, waiting: list[Envelope], shed: frozenset[str] | tuple[()],
               ) -> list[Envelope]:

@@ -80,9 +80,19 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.transport.set_write_buffer_limits(high=self.write_high_water)
         self.hooks.on_open(self)
+        if self._paused_for:  # pause_reading() before reading starts is lost: pause again
+            asyncio.get_running_loop().call_soon(self._repause)
+
+    def _repause(self) -> None:
+        if self._paused_for and self.transport is not None:
+            self.transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         received_ns = time.monotonic_ns()
+        pending, offset, first_ns = self._slices
+        if offset < len(pending):  # still slicing an earlier read: this one goes after it
+            self._slices = (pending[offset:] + data, 0, first_ns)
+            return
         if len(data) <= READ_SLICE:
             self._handle(data, received_ns)
             return
