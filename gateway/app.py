@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import hashlib
 import logging
 import math
@@ -67,6 +68,7 @@ KEEP_ALIVE_TIMEOUT = 0x8D
 HOUSEKEEPING_INTERVAL_S = 0.5
 SINK_FLUSH_INTERVAL_S = 1.0
 GIL_SWITCH_INTERVAL_S = 0.0005
+LOOP_LAG_PROBE_S = 0.01
 ALERT_CLOSE_TIMEOUT_S = 2.0  # how long queued webhook alerts may delay a reload or a stop
 ADOPT_INTERVAL_S = 5.0  # how often to look for the logs of daemons that have exited
 
@@ -260,6 +262,11 @@ class Gateway:
             await self._adopt_orphans()  # before any new traffic
         await self._listen()
         self._unwind.append(asyncio.create_task(self._housekeep()).cancel)
+        self._unwind.append(asyncio.create_task(self._measure_loop_lag()).cancel)
+        # What start-up built (config, registry, pipelines) lives as long as the process:
+        # keep it out of the collector's full passes, which would otherwise walk all of it
+        # while the loop waits.
+        gc.freeze()
         self.ready = True
         self._audit("start", version=__version__, config_sha256=config_digest(self.config),
                     mqtt=_address(self.mqtt_address), admin=_address(self.admin_address),
@@ -489,6 +496,13 @@ class Gateway:
             self.wal.retire(finished)
         else:  # retry next time: nothing is retired that a sink may not have written
             self._finished_seqs[:0] = finished
+
+    async def _measure_loop_lag(self) -> None:
+        observe = self.metrics.loop_lag.observe
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(LOOP_LAG_PROBE_S)
+            observe(max(0.0, time.perf_counter() - started - LOOP_LAG_PROBE_S))
 
     # -- periodic work: one coarse timer for every connection -------------------------
     async def _housekeep(self) -> None:

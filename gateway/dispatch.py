@@ -338,14 +338,18 @@ class Dispatcher:
         """Serve the urgent lanes now, in the caller's turn, not the next one: called by
         ingest when it queued anomalous or protected-tier work, so that it does not wait
         behind a loop turn of reads and routine batches (each hop of a loop under load costs
-        milliseconds). Only batches the normal choice would pick, so shares still hold."""
+        milliseconds). It hands out the batches the normal choice picks (a share that falls
+        due is served first, so shares still hold) while urgent work waits."""
         can_process = self._can_process
-        routine = len(self.anomaly_lanes)
+        urgent = [*self.anomaly_lanes,
+                  *(lane for lane in self.routine_lanes if lane.name in self.protected)]
         for _ in range(self.slots):
             if can_process is not None and not can_process():
                 return
+            if not any(lane.waiting for lane in urgent):
+                return
             lane = self.choose()
-            if lane is None or (lane.index >= routine and lane.name not in self.protected):
+            if lane is None:
                 return
             if lane.resumed:
                 self._resume(lane)

@@ -127,7 +127,7 @@ class MQTTIngest:
     def on_open(self, client: MQTTServerProtocol) -> None:
         self.clients.add(client)
         self._connections.inc()
-        if self.dispatcher.pressure:
+        if self.dispatcher.pressure:  # until it shows it sends protected work
             client.pause_for_backpressure(True)
         if self._commit_pressure:
             client.pause_for_backpressure(True, reason="commit")
@@ -178,6 +178,8 @@ class MQTTIngest:
         durable: list[Envelope] = []  # the QoS >= 1 ones among them
         acks: list[Publish] = []
         sheddable = 0  # messages of this read that may be shed (QoS 0 of a shed tier)
+        sheddable_tiers = self._sheddable
+        protected = False
         for publish in batch:
             topic = publish.topic
             entry: tuple[Classification | PayloadRules, bool] | None = cache.get(topic)
@@ -194,6 +196,8 @@ class MQTTIngest:
             qos = publish.qos
             if not qos and tier in shed:
                 sheddable += 1
+            elif tier not in sheddable_tiers:
+                protected = True
             envelope = Envelope(
                 prefix + str(next(sequence)), c.device, c.tenant, tier, c.region, topic,
                 publish.payload, received_ns, received_at, "mqtt", qos,
@@ -207,6 +211,8 @@ class MQTTIngest:
             if qos:
                 durable.append(envelope)
                 acks.append(publish)
+        if protected and not client.sends_protected:
+            client.sends_protected = True
         n = len(batch)
         self.received += n
         self._received.inc(n)
@@ -435,10 +441,15 @@ class MQTTIngest:
                     self.alerter.alert(anomaly)
 
     def set_backpressure(self, paused: bool) -> None:
+        """The backlog passed ``max_queued`` (or fell below ``resume_queued``): stop (resume)
+        reading, except from clients that send work of the tiers never shed (critical
+        devices): their work is what the backlog must not delay."""
         self.metrics.reading_paused.set(1 if paused else 0)
         if paused:
             self.metrics.ingest_pauses.inc()
-        self._pause_all(paused, "backlog")
+        for client in self.clients:
+            if not (paused and client.sends_protected):
+                client.pause_for_backpressure(paused, reason="backlog")
 
     def _pause_all(self, paused: bool, reason: str) -> None:
         for client in self.clients:

@@ -170,6 +170,10 @@ class Metrics:
         self.maintenance_tasks = Counter(
             "iotgw_maintenance_tasks", "Maintenance tasks ended (outcome: done, failed)",
             ["task", "outcome"], registry=r)
+        self.loop_lag = Histogram(
+            "iotgw_loop_lag_seconds", "How late a 10 ms timer fires on the event loop: the "
+            "longest anything waits for the loop's next turn", buckets=LATENCY_BUCKETS_S,
+            registry=r)
         self.anomaly_detect_latency = LatencyHistogram(
             "iotgw_anomaly_detect_latency_seconds",
             "From the first byte read to the anomaly raised", "path")

@@ -252,6 +252,8 @@ def _snapshot(admin: str) -> Snapshot:
                 snap.detect[float(s.labels["le"])] = s.value
             elif s.name == "iotgw_wal_commit_latency_seconds_bucket":
                 snap.latency.setdefault("(wal commit)", {})[float(s.labels["le"])] = s.value
+            elif s.name == "iotgw_loop_lag_seconds_bucket":
+                snap.latency.setdefault("(loop lag)", {})[float(s.labels["le"])] = s.value
             elif s.name == "iotgw_messages_processed_total":
                 snap.counters[("processed", s.labels["tier"])] = s.value
             elif s.name == "iotgw_messages_shed_total":
@@ -481,7 +483,7 @@ def _report(capacity: float, phases: dict[str, Phase], fifo: dict[str, Phase] | 
         report["runs"][f"tiered, {name}"] = {
             "seconds": phase.seconds,
             "tiers": {t: _tier_figures(phase, t)
-                      for t in (*TIERS, "anomaly-critical", "(wal commit)")},
+                      for t in (*TIERS, "anomaly-critical", "(wal commit)", "(loop lag)")},
             "standard_share": (phase.counters.get(("processed", "standard"), 0.0) / processed
                                if processed else 0.0),
             "detect_p50_ms": quantile(phase.detect, 0.5),

@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 POLL_S = 0.01
-DEFAULT_ROWS_PER_SLICE = 500
+DEFAULT_ROWS_PER_SLICE = 200
 """What a slice yields while a thread works: seconds until the next poll is worth it."""
 
 _T = TypeVar("_T")

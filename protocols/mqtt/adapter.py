@@ -69,6 +69,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.topic_cache: dict[str, Any] = {}
         self.subscriptions: set[str] = set()
         self.commits_pending = 0  # group commits that hold this client's messages and acks
+        self.sends_protected = False  # it sent work of a tier that is never shed
         self._paused_for: set[str] = set()  # why reading is paused: "writes", "slices", or
         # the app's reasons
         self._slices: tuple[bytes, int, int] = _NO_SLICES  # (read, next offset, received_ns)
