@@ -197,7 +197,7 @@ class Gateway:
                                               self.ingest.detector is not None)
         self.workers.reconfigure(pipelines, config.retry)
         self.ingest.configure(config.mqtt, config.tiers, config.dispatch, classifier,
-                              self.ingest.detector)
+                              self.ingest.detector, forget=registry.changed)
         log.info("device registry installed: %d devices from %s", len(registry),
                  registry.source)
         self._audit("registry.installed", devices=len(registry), source=registry.source)
@@ -208,7 +208,8 @@ class Gateway:
         return TaskContext(wal=self.wal, audit=self.audit,
                            registry_path=self.config.classify.registry,
                            tiers=self.config.tier_names, install_registry=self.install_registry,
-                           log=logging.getLogger("iotgw.maintenance.task"))
+                           log=logging.getLogger("iotgw.maintenance.task"),
+                           registry=self.registry)
 
     def _publish_alert(self, topic: str, payload: bytes) -> None:
         self.ingest.publish_local(topic, payload)

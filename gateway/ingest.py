@@ -20,7 +20,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from itertools import count
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -49,6 +49,10 @@ QUOTA_EXCEEDED = 0x97
 UNSPECIFIED_ERROR = 0x80
 MQTT5 = 5
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2, "emergency": 3}
+
+
+def _device_of(plan: Classification | PayloadRules) -> str:
+    return plan.device if isinstance(plan, Classification) else plan.base.device
 
 
 @functools.lru_cache(maxsize=4096)
@@ -109,8 +113,11 @@ class MQTTIngest:
         self.configure(settings, tiers, dispatch, classifier)
 
     def configure(self, settings: MQTTListener, tiers: list[Tier], dispatch: DispatchSection,
-                  classifier: Classifier, detector: AnomalyDetector | None = None) -> None:
-        """Take a (re)loaded config: new rules apply to every connection's next message."""
+                  classifier: Classifier, detector: AnomalyDetector | None = None,
+                  forget: Collection[str] | None = None) -> None:
+        """Take a (re)loaded config: new rules apply to every connection's next message.
+        ``forget``: only the cached classifications of these devices are stale (a rebuilt
+        registry that changed only them); otherwise every cache is cleared."""
         self.settings = settings
         self.classifier = classifier
         self.detector = detector
@@ -121,7 +128,12 @@ class MQTTIngest:
         self._sheddable = frozenset(t.name for t in tiers if t.shed_qos0)
         self._shed_above = dispatch.shed_above
         for client in self.clients:
-            client.topic_cache.clear()
+            cache = client.topic_cache
+            if forget is None:
+                cache.clear()
+            elif forget:  # reclassifying every topic at once would stall the loop
+                for topic in [t for t, (plan, _) in cache.items() if _device_of(plan) in forget]:
+                    del cache[topic]
 
     # -- connection lifecycle -----------------------------------------------------------
     def on_open(self, client: MQTTServerProtocol) -> None:

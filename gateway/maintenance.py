@@ -37,6 +37,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,7 @@ class Maintenance:
         self._audit = audit
         self._context = context
         self._state = Path(state_dir) / STATE_FILE if state_dir is not None else None
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="maintenance-state")
         self._running: dict[str, _Running] = {}
         self._order: list[str] = []  # round robin over the running tasks
         self._turn = 0
@@ -346,6 +348,7 @@ class Maintenance:
         for name in list(self._running):
             self._stop_task(name, "stopped")
         self.dispatcher.set_maintenance(0, None)
+        self._io.shutdown(wait=True)  # the last state written
 
     # -- persistence of the API's reservations -----------------------------------------
     def _load_api_reservations(self) -> dict[str, Reservation]:
@@ -359,12 +362,25 @@ class Maintenance:
         return {r.name: r for r in listed}
 
     def _save_api_reservations(self) -> None:
+        """Write the API's reservations, in a thread: an fsync under load can take a hundred
+        milliseconds, which the loop (and every message) must not wait for. Writes happen in
+        order, one thread; the last one wins."""
         if self._state is None:
             return
+        data = msgspec.json.encode(list(self._api.values()))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not serving yet: write now
+            self._write_state(data)
+            return
+        self._io.submit(self._write_state, data)
+
+    def _write_state(self, data: bytes) -> None:
+        assert self._state is not None
         tmp = self._state.with_suffix(".tmp")
         try:
             self._state.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(msgspec.json.encode(list(self._api.values())))
+            tmp.write_bytes(data)
             with open(tmp, "rb") as file:
                 os.fsync(file.fileno())
             os.replace(tmp, self._state)

@@ -96,7 +96,7 @@ def _record_type(width: int) -> type[DeviceRecord]:
 class DeviceRegistry:
     """An immutable device id → ``DeviceRecord`` map."""
 
-    __slots__ = ("_names", "_shards", "_size", "source")
+    __slots__ = ("_names", "_shards", "_size", "changed", "source")
 
     def __init__(self, records: dict[str, DeviceRecord] | list[dict[str, DeviceRecord]]
                  | None = None, attribute_names: tuple[str, ...] = (), source: str = "") -> None:
@@ -112,6 +112,9 @@ class DeviceRegistry:
         self._size = sum(map(len, self._shards))
         self._names = attribute_names
         self.source = source
+        self.changed: frozenset[str] | None = None
+        """Set by ``loading(previous=...)``: the devices whose record differs from the
+        previous registry (None: unknown, or some were removed)."""
 
     @classmethod
     def empty(cls) -> DeviceRegistry:
@@ -142,21 +145,25 @@ class DeviceRegistry:
 
     @classmethod
     def loading(cls, path: str | Path, *, tiers: Collection[str] | None = None,
-                rows_per_step: int = 0) -> Generator[None, None, DeviceRegistry]:
+                rows_per_step: int = 0, previous: DeviceRegistry | None = None,
+                ) -> Generator[None, None, DeviceRegistry]:
         """``load`` in steps: with ``rows_per_step``, a CSV file's rows are read that many
         at a time, the generator yielding in between (to run on an event loop in slices);
-        it returns the registry. A TOML file is read in one step."""
+        it returns the registry. A TOML file is read in one step. With ``previous``, the
+        new registry's ``changed`` says which devices differ from it."""
         name = str(path)
         suffix = Path(path).suffix.lower()
         if suffix not in (".toml", ".csv"):
             raise ConfigError(f"registry {name}: unsupported format {suffix or '(none)'!r} "
                               "(expected .toml or .csv)")
         checker = _TierCheck(tiers)
+        found: set[str] = set()  # with ``previous``: devices new or different
         try:
             records: dict[str, DeviceRecord] | list[dict[str, DeviceRecord]]
             if suffix == ".csv":
                 with open(path, encoding="utf-8-sig", newline="") as file:
-                    records, names = yield from _load_csv(file, name, checker, rows_per_step)
+                    records, names = yield from _load_csv(file, name, checker, rows_per_step,
+                                                          previous, found)
             else:
                 with open(path, "rb") as binary:
                     records, names = _load_toml(binary.read(), name, checker)
@@ -164,7 +171,10 @@ class DeviceRegistry:
             raise ConfigError(f"registry {name}: cannot read: {err.strerror}") from None
         except UnicodeDecodeError as err:
             raise ConfigError(f"registry {name}: not UTF-8: {err.reason}") from None
-        return cls(records, names, name)
+        registry = cls(records, names, name)
+        if previous is not None and isinstance(records, list):
+            registry.changed = _changes(registry, previous, found)
+        return registry
 
     @property
     def attribute_names(self) -> tuple[str, ...]:
@@ -201,12 +211,15 @@ class DeviceRegistry:
         for shard in self._shards:
             yield from shard
 
-    def dismantle(self) -> Generator[None, None, None]:
-        """Empty the registry a shard per step: freeing a million records at once would
-        hold the loop for tens of milliseconds. Only for a registry nobody uses any more."""
+    def dismantle(self, per_step: int = 2_000) -> Generator[None, None, None]:
+        """Empty the registry ``per_step`` records at a time: freeing a million records at
+        once would hold the loop for tens of milliseconds. Only for a registry nobody uses
+        any more."""
         for shard in self._shards:
-            shard.clear()
-            yield
+            while shard:
+                for _ in range(min(per_step, len(shard))):
+                    shard.popitem()
+                yield
         self._size = 0
 
     def __repr__(self) -> str:
@@ -229,7 +242,20 @@ class _TierCheck:
         return None
 
 
+def _changes(new: DeviceRegistry, previous: DeviceRegistry,
+             found: set[str]) -> frozenset[str] | None:
+    """The devices ``_load_csv`` found new or different, or None when devices were removed
+    or the attribute columns differ (then anything may have changed)."""
+    if new.attribute_names != previous.attribute_names:
+        return None
+    kept = len(new) - sum(1 for d in found if d not in previous)  # devices of both
+    if kept != len(previous):
+        return None  # devices were removed
+    return frozenset(found)
+
+
 def _load_csv(file: Any, name: str, check_tier: _TierCheck, rows_per_step: int = 0,
+              previous: DeviceRegistry | None = None, found: set[str] | None = None,
               ) -> Generator[None, None, tuple[list[dict[str, DeviceRecord]], tuple[str, ...]]]:
     reader: Any = csv.reader(file)
     if rows_per_step:  # rows come in slices; the generator yields between them
@@ -287,11 +313,13 @@ def _load_csv(file: Any, name: str, check_tier: _TierCheck, rows_per_step: int =
                         columns[i] = None
             shard = shards[hash(device) & SHARD_MASK]
             size = len(shard)
-            shard[device] = record(intern(row[1]), intern(tier), intern(row[3]),
-                                   intern(row[4]), *row[5:])
+            entry = shard[device] = record(intern(row[1]), intern(tier), intern(row[3]),
+                                           intern(row[4]), *row[5:])
             if len(shard) == size:
                 raise ConfigError(f"registry {name}:{reader.line_num}: "
                                   f"duplicate device {device!r}")
+            if previous is not None and found is not None and previous.record(device) != entry:
+                found.add(device)
     except csv.Error as err:
         raise ConfigError(f"registry {name}:{reader.line_num}: {err}") from None
     return shards, names

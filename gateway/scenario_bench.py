@@ -469,6 +469,7 @@ def run_scenario(args: ScenarioArgs, as_json: bool) -> None:
 def _tier_figures(phase: Phase, tier: str) -> dict[str, float | None]:
     buckets = phase.latency.get(tier, {})
     return {"p50_ms": quantile(buckets, 0.5), "p99_ms": quantile(buckets, 0.99),
+            "p999_ms": quantile(buckets, 0.999), "max_ms": quantile(buckets, 1.0),
             "offered_per_s": phase.rate("offered", tier),
             "processed_per_s": phase.rate("processed", tier),
             "shed": phase.counters.get(("shed", tier), 0.0)}

@@ -89,6 +89,8 @@ class TaskContext:
     install_registry: Callable[[DeviceRegistry], DeviceRegistry | None]
     """Swaps the live registry in (called on the loop); returns the one it replaced."""
     log: logging.Logger
+    registry: DeviceRegistry | None = None
+    """The registry in use (a rebuild compares against it, to invalidate only what changed)."""
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -313,7 +315,8 @@ class RegistryRebuild:
         try:
             if Path(path).suffix.lower() == ".csv":
                 registry = yield from DeviceRegistry.loading(
-                    path, tiers=context.tiers, rows_per_step=self.rows_per_slice)
+                    path, tiers=context.tiers, rows_per_step=self.rows_per_slice,
+                    previous=context.registry)
             else:
                 load = partial(DeviceRegistry.load, path, tiers=context.tiers)
                 registry = yield from _wait(_in_thread(load))

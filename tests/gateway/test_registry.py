@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import tempfile
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -216,3 +217,35 @@ def test_load_benchmark_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     _registry_bench.main()
     out = capsys.readouterr().out
     assert "loaded 300 devices" in out and "target" in out
+
+
+def _drive(loading: Any) -> DeviceRegistry:
+    while True:
+        try:
+            next(loading)
+        except StopIteration as done:
+            return cast(DeviceRegistry, done.value)
+
+
+def test_a_rebuild_says_which_devices_changed(tmp_path: Path) -> None:
+    path = tmp_path / "devices.csv"
+    rows = [f"dev-{i},acme,standard,meter,eu" for i in range(1000)]
+    path.write_text("device,tenant,tier,device_class,region\n" + "\n".join(rows) + "\n")
+    before = DeviceRegistry.load(path)
+    rows[7] = "dev-7,acme,premium,meter,eu"  # changed
+    path.write_text("device,tenant,tier,device_class,region\n" + "\n".join(rows)
+                    + "\ndev-new,acme,standard,meter,eu\n")  # added
+    after = _drive(DeviceRegistry.loading(path, rows_per_step=100, previous=before))
+    assert after.changed == {"dev-7", "dev-new"}
+    assert after.record("dev-7").tier == "premium"  # type: ignore[union-attr]
+    # A removed device: no list of what changed can be trusted; callers forget everything.
+    path.write_text("device,tenant,tier,device_class,region\n" + "\n".join(rows[1:]) + "\n")
+    assert _drive(DeviceRegistry.loading(path, previous=before)).changed is None
+
+
+def test_dismantle_empties_a_registry_in_steps(tmp_path: Path) -> None:
+    registry = DeviceRegistry.from_devices({
+        f"d{i}": DeviceInfo(tenant="t", tier="standard", device_class="c", region="r",
+                            attributes={}) for i in range(5000)})
+    steps = sum(1 for _ in registry.dismantle(per_step=1000))
+    assert steps >= 5 and len(registry) == 0 and registry.record("d1") is None
