@@ -315,7 +315,14 @@ def test_admin_api_schedules_lists_and_cancels_a_window_freeing_its_slots_at_onc
     assert created["options"] == {"wait_s": 0.02}
     assert created["scheduled_start"].endswith("Z")
     state_file = tmp_path / "state" / "maintenance.json"
-    assert [r["name"] for r in json.loads(state_file.read_text())] == ["api-hold"]
+
+    def saved() -> list[str] | None:  # written in a thread, off the loop: soon, not at once
+        try:
+            return [r["name"] for r in json.loads(state_file.read_text())]
+        except (OSError, ValueError):
+            return None
+
+    wait_until(lambda: saved() == ["api-hold"], 5, "the reservation to be saved")
 
     wait_until(lambda: phase(gw.admin_url, "api-hold") == "running", 10, "the window's grant")
     status, listed = http(url)
@@ -335,7 +342,7 @@ def test_admin_api_schedules_lists_and_cancels_a_window_freeing_its_slots_at_onc
                   outcome="cancelled") == 1
     (task,) = [t for t in hold.instances if t.slices]  # others were built to check options
     assert task.closed  # its work was stopped, not left running
-    assert json.loads(state_file.read_text()) == []
+    wait_until(lambda: saved() == [], 5, "the cancellation to be saved")
 
     records = audit_records(tmp_path / "audit")
     scheduled = [r for r in records if r["event"] == "maintenance.scheduled"]

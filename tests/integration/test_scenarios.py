@@ -735,9 +735,8 @@ def test_total_ingestion_beyond_capacity_degrades_gracefully(
 
     gw.wait_for(lambda: audited() == {t: n for t, n in shed.items() if n}, timeout=5)
 
-    # Back-pressure: reading paused, and the backlog stayed bounded: the storm waited in
-    # TCP instead of being queued whole.
-    assert end.value("iotgw_ingest_pauses_total") >= 1
+    # The backlog stayed bounded: the storm was shed or waited in TCP instead of being
+    # queued whole.
     peak = max(stats["queued"] for _, _, stats in sampler.samples)
     assert peak < max_queued + storm_n / 2, peak
 
