@@ -34,6 +34,7 @@ attribute). Errors raise ``ConfigError`` naming the file and, for CSV, the line.
 from __future__ import annotations
 
 import csv
+import functools
 import sys
 from collections.abc import Collection, Generator, Iterator, Mapping
 from pathlib import Path
@@ -82,8 +83,10 @@ class DeviceRecord(msgspec.Struct, frozen=True, gc=False, array_like=True):
 _CORE_SLOTS = 4
 
 
+@functools.cache
 def _record_type(width: int) -> type[DeviceRecord]:
-    """The record class with ``width`` attribute slots (``a0``, ``a1``, ...)."""
+    """The record class with ``width`` attribute slots (``a0``, ``a1``, ...): one class per
+    width, so that the records of two loads of a file compare equal."""
     if width == 0:
         return DeviceRecord
     cls = msgspec.defstruct(f"DeviceRecord{width}", [(f"a{i}", str) for i in range(width)],

@@ -309,6 +309,9 @@ class RegistryRebuild:
 
     def steps(self, context: TaskContext) -> Iterator[float | None]:
         path = context.registry_path
+        # Hold the registry in use only as long as the comparison needs it: the old one is
+        # dismantled below only if nothing else refers to it.
+        previous, context.registry = context.registry, None
         if not path:
             context.log.info("%s: no device registry configured; nothing to do", self.name)
             return
@@ -316,13 +319,14 @@ class RegistryRebuild:
             if Path(path).suffix.lower() == ".csv":
                 registry = yield from DeviceRegistry.loading(
                     path, tiers=context.tiers, rows_per_step=self.rows_per_slice,
-                    previous=context.registry)
+                    previous=previous)
             else:
                 load = partial(DeviceRegistry.load, path, tiers=context.tiers)
                 registry = yield from _wait(_in_thread(load))
         except ConfigError as err:
             raise MaintenanceTaskError(f"{self.name}: {err}; the registry in use is unchanged"
                                        ) from err
+        del previous
         old = context.install_registry(registry)
         self.devices = len(registry)
         context.log.info("%s: %d devices loaded from %s and installed", self.name,

@@ -249,3 +249,12 @@ def test_dismantle_empties_a_registry_in_steps(tmp_path: Path) -> None:
                             attributes={}) for i in range(5000)})
     steps = sum(1 for _ in registry.dismantle(per_step=1000))
     assert steps >= 5 and len(registry) == 0 and registry.record("d1") is None
+
+
+def test_reloading_an_unchanged_file_with_attributes_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "devices.csv"
+    path.write_text("device,tenant,tier,device_class,region,site\n"
+                    + "".join(f"dev-{i},acme,standard,meter,eu,site-{i % 7}\n"
+                              for i in range(500)))
+    before = DeviceRegistry.load(path)
+    assert _drive(DeviceRegistry.loading(path, previous=before)).changed == frozenset()
