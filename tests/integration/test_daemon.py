@@ -6,36 +6,15 @@ from __future__ import annotations
 import json
 import re
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.conftest import DEFAULT_TOML, RunningGateway
+from tests.raw_mqtt import connect_frame, publish_frame
 
 pytestmark = pytest.mark.integration
-
-
-def connect_bytes(client_id: str, keepalive: int, version: int = 4) -> bytes:
-    cid = client_id.encode()
-    props = b"\x00" if version == 5 else b""
-    body = (b"\x00\x04MQTT" + bytes([version, 0x02]) + struct.pack("!H", keepalive) + props
-            + struct.pack("!H", len(cid)) + cid)
-    return bytes([0x10, len(body)]) + body
-
-
-def publish_bytes(topic: str, payload: bytes) -> bytes:
-    t = topic.encode()
-    body = struct.pack("!H", len(t)) + t + payload
-    length = len(body)
-    header = bytearray([0x30])
-    while True:
-        length, digit = length >> 7, length & 0x7F
-        header.append(digit | (0x80 if length else 0))
-        if not length:
-            break
-    return bytes(header) + body
 
 
 @pytest.fixture
@@ -81,7 +60,7 @@ def test_admin_endpoints(gateway: RunningGateway) -> None:
 def test_latency_histogram_resolves_a_millisecond(gateway: RunningGateway,
                                                   sockets: list[socket.socket]) -> None:
     s = open_socket(gateway.mqtt_port, sockets)
-    s.sendall(connect_bytes("lat", 30) + publish_bytes("medical/x", b"{}"))
+    s.sendall(connect_frame("lat", 30) + publish_frame("medical/x", b"{}"))
     gateway.wait_processed(1)
     pattern = r'latency_seconds_bucket\{le="([0-9.e-]+)",tier="critical"'
     buckets = [float(le) for le in re.findall(pattern, gateway.metrics())]
@@ -91,7 +70,7 @@ def test_latency_histogram_resolves_a_millisecond(gateway: RunningGateway,
 def test_silent_client_is_closed_after_one_and_a_half_keepalives(
         gateway: RunningGateway, sockets: list[socket.socket]) -> None:
     s = open_socket(gateway.mqtt_port, sockets)
-    s.sendall(connect_bytes("sleepy", keepalive=1, version=5))
+    s.sendall(connect_frame("sleepy", keepalive=1, version=5))
     assert s.recv(64)[:1] == b"\x20"
     started = time.monotonic()
     closed, data = closed_within(s, 5)
@@ -104,7 +83,7 @@ def test_silent_client_is_closed_after_one_and_a_half_keepalives(
 def test_a_client_that_pings_stays_connected(gateway: RunningGateway,
                                              sockets: list[socket.socket]) -> None:
     s = open_socket(gateway.mqtt_port, sockets)
-    s.sendall(connect_bytes("lively", keepalive=1))
+    s.sendall(connect_frame("lively", keepalive=1))
     assert s.recv(4)[:1] == b"\x20"
     for _ in range(6):
         time.sleep(0.5)
@@ -138,11 +117,11 @@ def tiny_queue(gateway_factory: Callable[..., RunningGateway]) -> RunningGateway
 def test_a_flood_pauses_reading_instead_of_queueing_without_bound(
         tiny_queue: RunningGateway, sockets: list[socket.socket]) -> None:
     total = 100_000
-    frames = b"".join(publish_bytes(f"flood/{i % 50}", b'{"v": %6d}' % i) for i in range(total))
+    frames = b"".join(publish_frame(f"flood/{i % 50}", b'{"v": %6d}' % i) for i in range(total))
     frame_len = len(frames) // total
     peak = 0
     s = open_socket(tiny_queue.mqtt_port, sockets)
-    s.sendall(connect_bytes("flooder", 60))
+    s.sendall(connect_frame("flooder", 60))
     assert s.recv(4)[:1] == b"\x20"
     s.sendall(frames)
     while tiny_queue.stats()["processed"] < total:

@@ -12,7 +12,6 @@ import gzip
 import json
 import re
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -39,6 +38,7 @@ from tests.conftest import (
     stop,
 )
 from tests.gateway.failing_stages import SleepyStage
+from tests.raw_mqtt import connect_frame, publish_frame
 
 pytestmark = pytest.mark.integration
 
@@ -129,25 +129,6 @@ def free_port() -> int:
 
 
 # MQTT, as raw bytes on a real socket (QoS 0: nothing to wait for but the CONNACK).
-def connect_bytes(client_id: str) -> bytes:
-    cid = client_id.encode()
-    body = b"\x00\x04MQTT\x04\x02" + struct.pack("!H", 60) + struct.pack("!H", len(cid)) + cid
-    return bytes([0x10, len(body)]) + body
-
-
-def publish_bytes(topic: str, payload: bytes) -> bytes:
-    t = topic.encode()
-    body = struct.pack("!H", len(t)) + t + payload
-    length = len(body)
-    header = bytearray([0x30])
-    while True:
-        length, digit = length >> 7, length & 0x7F
-        header.append(digit | (0x80 if length else 0))
-        if not length:
-            break
-    return bytes(header) + body
-
-
 @pytest.fixture
 def mqtt_clients() -> Iterator[Callable[[int, str], socket.socket]]:
     opened: list[socket.socket] = []
@@ -155,7 +136,7 @@ def mqtt_clients() -> Iterator[Callable[[int, str], socket.socket]]:
     def open_client(port: int, client_id: str) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         opened.append(s)
-        s.sendall(connect_bytes(client_id))
+        s.sendall(connect_frame(client_id))
         assert s.recv(4)[:1] == b"\x20"  # CONNACK
         return s
 
@@ -543,14 +524,14 @@ def test_critical_work_stays_prompt_under_a_window_and_pauses_it_when_it_needs_t
 
     # Routine backlog: 4000 standard messages, 500 batches of at least 5 ms each.
     standard = 4000
-    routine.sendall(b"".join(publish_bytes("telemetry/x", b'{"slow": 0.005, "i": %d}' % i)
+    routine.sendall(b"".join(publish_frame("telemetry/x", b'{"slow": 0.005, "i": %d}' % i)
                              for i in range(standard)))
     wait_until(lambda: metric(gw.metrics(), "iotgw_queue_depth", lane="standard") > 0, 10,
                "the routine backlog")
     # A trickle of critical readings while the backlog waits and the window holds its slots.
     trickle = 25
     for i in range(trickle):
-        critical.sendall(publish_bytes("medical/x", b'{"i": %d}' % i))
+        critical.sendall(publish_frame("medical/x", b'{"i": %d}' % i))
         time.sleep(0.03)
     metrics = gw.metrics()
     assert metric(metrics, "iotgw_queue_depth", lane="standard") > 0, "backlog gone too soon"
@@ -566,7 +547,7 @@ def test_critical_work_stays_prompt_under_a_window_and_pauses_it_when_it_needs_t
 
     # A critical flood: 3000 readings, 375 batches of at least 5 ms, more than the 4 slots
     # can serve within a tick: the window must give its slots back.
-    critical.sendall(b"".join(publish_bytes("medical/x", b'{"slow": 0.005, "i": %d}' % i)
+    critical.sendall(b"".join(publish_frame("medical/x", b'{"slow": 0.005, "i": %d}' % i)
                               for i in range(3000)))
     wait_until(lambda: "pause" in decisions(tmp_path / "audit", "busy"), 15,
                "the window to be paused")
@@ -602,7 +583,7 @@ def test_a_window_shrinks_toward_min_under_routine_backlog_and_grows_back_after(
     assert reservations(gw.admin_url)["flex"]["slots"] == 2
     routine = mqtt_clients(gw.mqtt_port, "meter-2")
     standard = 4000  # 500 batches of at least 5 ms: a backlog that outlasts a few ticks
-    routine.sendall(b"".join(publish_bytes("telemetry/x", b'{"slow": 0.005, "i": %d}' % i)
+    routine.sendall(b"".join(publish_frame("telemetry/x", b'{"slow": 0.005, "i": %d}' % i)
                              for i in range(standard)))
     wait_until(lambda: "shrink" in decisions(tmp_path / "audit", "flex"), 10,
                "the window to shrink")

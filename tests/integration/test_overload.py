@@ -15,6 +15,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import DEFAULT_TOML, RunningGateway
+from tests.raw_mqtt import publish_frame
 
 pytestmark = pytest.mark.integration
 
@@ -78,20 +79,11 @@ def shedding(gateway_factory: Callable[..., RunningGateway]) -> RunningGateway:
     return gateway_factory(base=base)
 
 
-def frame(topic: str, payload: bytes) -> bytes:
-    body = struct.pack("!H", len(topic)) + topic.encode() + payload
-    n, header = len(body), bytearray([0x30])
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        header.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(header) + body
-
-
 def test_qos0_is_shed_lowest_tier_first_and_counted(shedding: RunningGateway) -> None:
     per_tier = 20_000
-    frames = b"".join(frame("bulk/x", b"{}") + frame("medical/x", b"{}") + frame("std/x", b"{}")
-                      for _ in range(per_tier))
+    triple = (publish_frame("bulk/x", b"{}") + publish_frame("medical/x", b"{}")
+              + publish_frame("std/x", b"{}"))
+    frames = triple * per_tier
     with socket.create_connection(("127.0.0.1", shedding.mqtt_port)) as s:
         cid = b"shed"
         connect = (b"\x00\x04MQTT\x04\x02\x00\x3c" + struct.pack("!H", len(cid)) + cid)
@@ -128,8 +120,8 @@ def test_a_pure_low_tier_flood_is_pushed_back_not_read_and_shed(
     # shed_above the flooder is no longer read (TCP pushes back on it) instead of being read
     # and shed at wire speed; the critical client keeps being read and served.
     per_client = 20_000
-    flood = b"".join(frame("bulk/x", b"{}") for _ in range(per_client))
-    vitals = b"".join(frame("medical/x", b"{}") for _ in range(2_000))
+    flood = b"".join(publish_frame("bulk/x", b"{}") for _ in range(per_client))
+    vitals = b"".join(publish_frame("medical/x", b"{}") for _ in range(2_000))
 
     def open_client(cid: bytes) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", shedding.mqtt_port))

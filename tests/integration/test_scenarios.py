@@ -42,6 +42,7 @@ from gateway.envelope import Envelope
 from gateway.pipeline import STAGES
 from policies.maintenance import TASKS
 from tests.conftest import DEFAULT_TOML, RunningGateway
+from tests.raw_mqtt import connect_frame, publish_frame
 
 pytestmark = pytest.mark.integration
 
@@ -123,33 +124,15 @@ def config(*, us_per_message: float, batch_size: int = 32, slots: int = 1,
 # ------------------------------------------------------------------------- MQTT wire
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def publish(topic: str, payload: dict[str, Any], qos: int = 0, packet_id: int = 0) -> bytes:
-    """One MQTT 3.1.1 PUBLISH packet."""
-    name = topic.encode()
-    body = (struct.pack("!H", len(name)) + name
-            + (struct.pack("!H", packet_id) if qos else b"") + json.dumps(payload).encode())
-    return bytes([0x30 | qos << 1]) + _varint(len(body)) + body
+    """One MQTT 3.1.1 PUBLISH packet of a JSON payload."""
+    return publish_frame(topic, json.dumps(payload).encode(), qos, packet_id)
 
 
 def connect(port: int, client_id: str, username: str | None = None) -> socket.socket:
     """An MQTT 3.1.1 connection (clean session), CONNACK received."""
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    cid = client_id.encode()
-    flags = 0x02 | (0x80 if username is not None else 0)
-    body = b"\x00\x04MQTT\x04" + bytes([flags]) + b"\x00\x3c" + struct.pack("!H", len(cid)) + cid
-    if username is not None:
-        user = username.encode()
-        body += struct.pack("!H", len(user)) + user
-    s.sendall(bytes([0x10]) + _varint(len(body)) + body)
+    s.sendall(connect_frame(client_id, username=username))
     assert s.recv(4) == b"\x20\x02\x00\x00"
     return s
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RunningGateway
+from tests.raw_mqtt import connect_frame, publish_frame
 
 pytestmark = pytest.mark.integration
 
@@ -27,16 +27,9 @@ device_class = "medical"
 """
 
 
-def frame(topic: str, payload: bytes) -> bytes:
-    body = struct.pack("!H", len(topic)) + topic.encode() + payload
-    return bytes([0x30, len(body)]) + body
-
-
 def connect(port: int, client_id: str) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    cid = client_id.encode()
-    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + struct.pack("!H", len(cid)) + cid
-    s.sendall(bytes([0x10, len(body)]) + body)
+    s.sendall(connect_frame(client_id))
     assert s.recv(4)[:1] == b"\x20"
     return s
 
@@ -54,9 +47,11 @@ def test_an_anomalous_reading_is_raised_timed_audited_and_processed_first(
         triage: RunningGateway, tmp_path: Path) -> None:
     with connect(triage.mqtt_port, "pump-7") as s:
         for rate in (70, 72, 71):
-            s.sendall(frame("medical/pump-7/vitals", json.dumps({"heart_rate": rate}).encode()))
-        s.sendall(frame("medical/pump-7/vitals", b'{"heart_rate": 210}'))
-        s.sendall(frame("telemetry/other", b'{"heart_rate": 999}'))  # not medical: no triage
+            reading = json.dumps({"heart_rate": rate}).encode()
+            s.sendall(publish_frame("medical/pump-7/vitals", reading))
+        s.sendall(publish_frame("medical/pump-7/vitals", b'{"heart_rate": 210}'))
+        # not medical: no triage
+        s.sendall(publish_frame("telemetry/other", b'{"heart_rate": 999}'))
         triage.wait_processed(5)
         metrics = triage.metrics()
     assert metric(metrics, 'iotgw_anomalies_total{severity="critical"}') == 1
@@ -82,7 +77,7 @@ def test_an_anomalous_reading_is_raised_timed_audited_and_processed_first(
 
 def test_a_device_gone_silent_is_raised_by_the_timer(triage: RunningGateway) -> None:
     with connect(triage.mqtt_port, "pump-9") as s:
-        s.sendall(frame("medical/pump-9/vitals", b'{"heart_rate": 70}'))
+        s.sendall(publish_frame("medical/pump-9/vitals", b'{"heart_rate": 70}'))
         triage.wait_processed(1)
         deadline = time.monotonic() + 5
         while 'iotgw_anomalies_total{severity="warning"} 1.0' not in triage.metrics():
@@ -112,9 +107,9 @@ def test_anomalies_are_served_in_severity_order_ahead_of_routine_work(
     gw = gateway_factory(SEVERITIES)
     # One write, so that all of it is queued before the dispatcher picks anything.
     with connect(gw.mqtt_port, "boiler") as s:
-        s.sendall(frame("medical/routine", b'{"t": 20}')  # critical tier, but routine
-                  + frame("plant/boiler", b'{"t": 60}')  # a warning
-                  + frame("plant/boiler", b'{"t": 150}'))  # an emergency (and a warning)
+        s.sendall(publish_frame("medical/routine", b'{"t": 20}')  # critical tier, but routine
+                  + publish_frame("plant/boiler", b'{"t": 60}')  # a warning
+                  + publish_frame("plant/boiler", b'{"t": 150}'))  # an emergency (and a warning)
         gw.wait_processed(3)
 
     def lake() -> list[dict]:
