@@ -166,6 +166,7 @@ class Dispatcher:
         self._maintenance_ready = False
         self.maintenance_slots = 0
         self.protected: frozenset[str] = frozenset()
+        self._urgent: list[Lane] = []  # the anomaly lanes and the protected tiers' lanes
         """Tiers whose work maintenance never takes a slot from (besides the anomaly lanes)."""
         self.queued = 0
         self.drains = 0
@@ -196,6 +197,7 @@ class Dispatcher:
         self.resume_queued = settings.resume_queued
         self.routine_floor = settings.routine_floor
         self._routine_group.credit = 0.0
+        self.protect(self.protected)  # the urgent lanes are the new ones
 
     # -- ingest side -------------------------------------------------------------------
     def accepted(self, count: int) -> None:
@@ -341,8 +343,7 @@ class Dispatcher:
         milliseconds). It hands out the batches the normal choice picks (a share that falls
         due is served first, so shares still hold) while urgent work waits."""
         can_process = self._can_process
-        urgent = [*self.anomaly_lanes,
-                  *(lane for lane in self.routine_lanes if lane.name in self.protected)]
+        urgent = self._urgent
         for _ in range(self.slots):
             if can_process is not None and not can_process():
                 return
@@ -426,8 +427,11 @@ class Dispatcher:
             target.resumed.extend(lane.resumed)
 
     def protect(self, tiers: Collection[str]) -> None:
-        """Maintenance never takes a slot in place of these tiers' work."""
+        """Maintenance never takes a slot in place of these tiers' work, and ``express``
+        serves it at once."""
         self.protected = frozenset(tiers)
+        self._urgent = [*self.anomaly_lanes,
+                        *(lane for lane in self.routine_lanes if lane.name in self.protected)]
 
     async def wait_idle(self) -> None:
         """Return once every queued message has been handed to processing."""

@@ -122,7 +122,6 @@ class MQTTIngest:
         self.classifier = classifier
         self.detector = detector
         self._lanes = {lane.name: lane.items for lane in self.dispatcher.lanes}
-        self._urgent_tiers = self.dispatcher.protected
         self._deadline_ns = {t.name: int(t.max_latency_ms * 1_000_000) for t in tiers}
         self._rank = {t.name: i for i, t in enumerate(tiers)}
         self._sheddable = frozenset(t.name for t in tiers if t.shed_qos0)
@@ -190,8 +189,6 @@ class MQTTIngest:
         durable: list[Envelope] = []  # the QoS >= 1 ones among them
         acks: list[Publish] = []
         sheddable = 0  # messages of this read that may be shed (QoS 0 of a shed tier)
-        sheddable_tiers = self._sheddable
-        protected = False
         for publish in batch:
             topic = publish.topic
             entry: tuple[Classification | PayloadRules, bool] | None = cache.get(topic)
@@ -208,8 +205,6 @@ class MQTTIngest:
             qos = publish.qos
             if not qos and tier in shed:
                 sheddable += 1
-            elif tier not in sheddable_tiers:
-                protected = True
             envelope = Envelope(
                 prefix + str(next(sequence)), c.device, c.tenant, tier, c.region, topic,
                 publish.payload, received_ns, received_at, "mqtt", qos,
@@ -223,8 +218,8 @@ class MQTTIngest:
             if qos:
                 durable.append(envelope)
                 acks.append(publish)
-        if protected and not client.sends_protected:
-            client.sends_protected = True
+        if not client.sends_protected:  # once known, never looked for again
+            client.sends_protected = any(e.tier not in self._sheddable for e in waiting)
         n = len(batch)
         self.received += n
         self._received.inc(n)
@@ -247,20 +242,11 @@ class MQTTIngest:
         if not envelopes:
             return
         lanes = self._lanes
-        urgent = self._urgent_tiers
-        express = False
         for envelope in envelopes:
             severity = envelope.anomaly
-            if severity:
-                lanes[ANOMALY_LANES[severity]].append(envelope)
-                express = True
-            else:
-                lanes[envelope.tier].append(envelope)
-                if envelope.tier in urgent:
-                    express = True
+            lanes[ANOMALY_LANES[severity] if severity else envelope.tier].append(envelope)
         self.dispatcher.accepted(len(envelopes))
-        if express:
-            self.dispatcher.express()
+        self.dispatcher.express()  # urgent work waiting goes now, not a loop turn later
 
     def _append_durably(self, client: MQTTServerProtocol, waiting: list[Envelope],
                         durable: list[Envelope], acks: list[Publish]) -> None:

@@ -50,7 +50,7 @@ class MQTTHooks(Protocol):
     def on_close(self, client: MQTTServerProtocol) -> None: ...
 
 
-READ_SLICE = 8 * 1024
+READ_SLICE = 16 * 1024
 """Bytes of one read handled per loop turn."""
 _NO_SLICES = (b"", 0, 0)
 
