@@ -205,7 +205,7 @@ def maintenance_cancel(name: str, config_path: Path | None, admin_url: str | Non
               help="Connections of the standard-tier flood.")
 @click.option("--phase", "phase_s", type=float, default=5.0, show_default=True,
               help="Seconds measured per phase.")
-@click.option("--phases", type=int, default=4, show_default=True,
+@click.option("--phases", type=int, default=8, show_default=True,
               help="Phases, alternately without and with a maintenance window.")
 @click.option("--peer/--no-peer", default=True, show_default=True,
               help="Also run the same load through one FIFO lane (no tiers, no triage).")

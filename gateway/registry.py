@@ -33,6 +33,7 @@ attribute). Errors raise ``ConfigError`` naming the file and, for CSV, the line.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import functools
 import sys
@@ -218,11 +219,7 @@ class DeviceRegistry:
         """Empty the registry ``per_step`` records at a time: freeing a million records at
         once would hold the loop for tens of milliseconds. Only for a registry nobody uses
         any more."""
-        for shard in self._shards:
-            while shard:
-                for _ in range(min(per_step, len(shard))):
-                    shard.popitem()
-                yield
+        yield from _emptied(self._shards, per_step)
         self._size = 0
 
     def __repr__(self) -> str:
@@ -263,6 +260,7 @@ def _load_csv(file: Any, name: str, check_tier: _TierCheck, rows_per_step: int =
     reader: Any = csv.reader(file)
     if rows_per_step:  # rows come in slices; the generator yields between them
         reader = _sliced(reader, rows_per_step)
+    shards: list[dict[str, DeviceRecord]] = [{} for _ in range(SHARDS)]
     try:
         header = next(reader, None)
         if header is None:
@@ -279,7 +277,6 @@ def _load_csv(file: Any, name: str, check_tier: _TierCheck, rows_per_step: int =
         width = len(header)
         record = _record_type(len(names))
         padding = ("",) * len(names)
-        shards: list[dict[str, DeviceRecord]] = [{} for _ in range(SHARDS)]
         intern = sys.intern
         # Per extra column: value → shared value, or None once the column is high-cardinality.
         columns: list[dict[str, str] | None] = [{} for _ in names]
@@ -324,8 +321,45 @@ def _load_csv(file: Any, name: str, check_tier: _TierCheck, rows_per_step: int =
             if previous is not None and found is not None and previous.record(device) != entry:
                 found.add(device)
     except csv.Error as err:
+        _free_in_slices(shards)
         raise ConfigError(f"registry {name}:{reader.line_num}: {err}") from None
+    except BaseException:  # a bad row, or stopped half way (a maintenance window ended)
+        _free_in_slices(shards)
+        raise
     return shards, names
+
+
+def _emptied(shards: list[dict[str, DeviceRecord]], per_step: int,
+             ) -> Generator[None, None, None]:
+    """Empty ``shards`` ``per_step`` records at a time, yielding in between."""
+    left = per_step
+    for shard in shards:
+        while shard:
+            n = min(left, len(shard))
+            for _ in range(n):
+                shard.popitem()
+            left -= n
+            if not left:
+                yield
+                left = per_step
+        shard.clear()  # the table itself, which popping does not shrink
+
+
+def _free_in_slices(shards: list[dict[str, DeviceRecord]], per_step: int = 2_000) -> None:
+    """Free records nobody will use, in slices on the running event loop (one per loop
+    turn): a load stopped half way may have built hundreds of thousands, and freeing them
+    at once would hold the loop for tens of milliseconds. Without a loop: now."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    steps = _emptied(shards, per_step)
+
+    def step() -> None:
+        if next(steps, StopIteration) is not StopIteration:
+            loop.call_soon(step)
+
+    loop.call_soon(step)
 
 
 _STEP: list[str] = []

@@ -436,7 +436,7 @@ class ScenarioArgs:
     connections: int = 4
     warmup_s: float = 3.0
     phase_s: float = 5.0
-    phases: int = 4
+    phases: int = 8
     calibrate_s: float = 4.0
     peer: bool = True
 

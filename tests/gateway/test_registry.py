@@ -258,3 +258,32 @@ def test_reloading_an_unchanged_file_with_attributes_changes_nothing(tmp_path: P
                               for i in range(500)))
     before = DeviceRegistry.load(path)
     assert _drive(DeviceRegistry.loading(path, previous=before)).changed == frozenset()
+
+
+async def test_a_load_stopped_half_way_frees_its_records_between_loop_turns(
+        tmp_path: Path) -> None:
+    # A maintenance window that ends mid-rebuild stops the load; what it built (up to a
+    # million records) must not be freed in one go while the loop waits.
+    import asyncio
+    import tracemalloc
+
+    path = tmp_path / "devices.csv"
+    path.write_text("device,tenant,tier,device_class,region,serial\n" + "".join(
+        f"dev-{i},acme,standard,meter,eu,sn-{i:08d}\n" for i in range(30_000)))
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        loading = DeviceRegistry.loading(path, rows_per_step=1000)
+        for _ in range(25):  # 25,000 records built
+            next(loading)
+        built = tracemalloc.get_traced_memory()[0] - base
+        loading.close()
+        held = [tracemalloc.get_traced_memory()[0] - base]
+        for _ in range(40):  # loop turns: other callbacks run between the frees
+            await asyncio.sleep(0)
+            held.append(tracemalloc.get_traced_memory()[0] - base)
+    finally:
+        tracemalloc.stop()
+    assert built > 2_000_000
+    assert held[0] > built / 2  # not freed all at once ...
+    assert held[-1] < built / 10  # ... but freed within a few loop turns

@@ -143,6 +143,22 @@ async def test_rotation_by_size_keeps_whole_lines(tmp_path: Path) -> None:
     assert ids == [f"gw-1-{i}" for i in range(14)]
 
 
+@pytest.mark.parametrize("writeback_bytes", [0, 1, 300])
+async def test_paced_write_back_keeps_every_line_across_rotations(
+        tmp_path: Path, writeback_bytes: int) -> None:
+    # Write-back runs in a thread on its own copy of the descriptor: files rotated and closed
+    # meanwhile must lose nothing.
+    sink = lake(tmp_path, max_file_bytes=900, buffer_bytes=0, writeback_bytes=writeback_bytes)
+    for start in range(0, 200, 7):
+        sink.write([env(i) for i in range(start, min(start + 7, 200))])
+    await sink.close()
+    part_dir = tmp_path / "lake/region=eu/date=2024-05-06/hour=13"
+    names = sorted(os.listdir(part_dir), key=lambda n: int(n[5:-6]))
+    assert len(names) > 10
+    ids = [r["id"] for name in names for r in lines(part_dir / name)]
+    assert ids == [f"gw-1-{i}" for i in range(200)]
+
+
 async def test_a_record_larger_than_the_file_limit_gets_a_file_of_its_own(
         tmp_path: Path) -> None:
     sink = lake(tmp_path, max_file_bytes=300)
