@@ -41,6 +41,7 @@ from aiohttp import web
 from gateway import __version__, systemd
 from gateway.admin import make_app
 from gateway.audit import AuditBusyError, AuditError, AuditLog
+from gateway.broker import Broker
 from gateway.classify import Classifier
 from gateway.config import ANOMALY_LANES, Config, load_config, split_host_port
 from gateway.dispatch import Dispatcher, Lane
@@ -145,7 +146,8 @@ class Gateway:
                                  config.dispatch, parts.classifier, self.dispatcher,
                                  self.metrics, wal=self.wal,
                                  summarise=self.audit.summarise if self.audit else None,
-                                 max_uncommitted=config.wal.max_uncommitted, audit=self._audit)
+                                 max_uncommitted=config.wal.max_uncommitted, audit=self._audit,
+                                 broker=Broker(config.broker, self.metrics))
         self.ingest.configure(config.mqtt, config.tiers, config.dispatch, parts.classifier,
                               parts.detector)
         self.ingest.alerter = parts.alerter
@@ -453,6 +455,7 @@ class Gateway:
         self._export_queue_depth()
         self.workers.reconfigure(parts.pipelines, new.retry)
         self.maintenance.reconfigure(new.maintenance)
+        self.ingest.broker.settings = new.broker  # bounds apply to what comes next
         self.ingest.configure(new.mqtt, new.tiers, new.dispatch, parts.classifier,
                               parts.detector)
         old_alerter, self.ingest.alerter = self.ingest.alerter, parts.alerter
@@ -529,6 +532,7 @@ class Gateway:
                                 client.peer, connect_timeout)
                     client.close()
             self.ingest.resume_refused()
+            self.ingest.broker.publish_metrics()
             if self.instance is not None and now >= next_adopt:
                 next_adopt = now + ADOPT_INTERVAL_S
                 await self._adopt_orphans()

@@ -67,6 +67,18 @@ class MQTTListener(_Base, frozen=True):
         split_host_port(self.listen)
 
 
+class BrokerSection(_Base, frozen=True):
+    """The MQTT broker: sessions and what they keep (gateway/broker.py)."""
+
+    max_queued: PositiveInt = 1000
+    """QoS 1/2 messages queued per session (offline, or over its receive maximum); more are
+    dropped and counted in ``iotgw_mqtt_dropped_total{reason="queue_full"}``."""
+    max_session_expiry_s: Annotated[int, Meta(ge=0, le=0xFFFFFFFF)] = 7 * 24 * 3600
+    """Longest a session outlives its connection (MQTT 3.1.1 persistent sessions get this)."""
+    queue_qos0: bool = False
+    """Also queue QoS 0 messages for offline persistent sessions (Mosquitto's default: no)."""
+
+
 class AdminSection(_Base, frozen=True):
     listen: str = "127.0.0.1:9883"
 
@@ -212,6 +224,7 @@ class Sink(_Base, frozen=True):
 class Config(_Base, frozen=True):
     gateway: GatewaySection = GatewaySection()
     mqtt: MQTTListener = MQTTListener()
+    broker: BrokerSection = BrokerSection()
     admin: AdminSection = AdminSection()
     dispatch: DispatchSection = DispatchSection()
     tiers: list[Tier] = []

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from gateway.broker import NEVER_EXPIRES, Broker, Message
 from gateway.classify import Classification, Classifier, PayloadRules
 from gateway.config import ANOMALY_LANES, DispatchSection, MQTTListener, Tier
 from gateway.dispatch import Dispatcher
@@ -33,8 +34,13 @@ from gateway.envelope import Envelope
 from gateway.metrics import Metrics
 from policies.alerts import Alerter
 from policies.anomaly import Anomaly, AnomalyDetector
-from protocols.mqtt.connection import ConnectRequest, SubscribeRequest, UnsubscribeRequest
-from protocols.mqtt.errors import LocalProtocolError
+from protocols.mqtt.connection import (
+    ClientDisconnect,
+    ConnectRequest,
+    PublishAcknowledged,
+    SubscribeRequest,
+    UnsubscribeRequest,
+)
 from protocols.mqtt.packets import Publish
 from protocols.mqtt.topics import compile_topic_filter
 
@@ -86,8 +92,10 @@ class MQTTIngest:
                  metrics: Metrics, wal: Durability | None = None,
                  summarise: Callable[..., None] | None = None,
                  max_uncommitted: int = 50_000,
-                 audit: Callable[..., None] | None = None) -> None:
+                 audit: Callable[..., None] | None = None,
+                 broker: Broker | None = None) -> None:
         self.dispatcher = dispatcher
+        self.broker = broker or Broker(metrics=metrics)
         self.metrics = metrics
         self.wal = wal
         self.clients: set[MQTTServerProtocol] = set()
@@ -144,38 +152,47 @@ class MQTTIngest:
             client.pause_for_backpressure(True, reason="commit")
 
     def on_close(self, client: MQTTServerProtocol) -> None:
+        if client.session is not None:  # gone without DISCONNECT: its will is due
+            self.broker.disconnected(client, None)
         self.clients.discard(client)
         self._wal_paused.discard(client)
         self._shed_paused.discard(client)
         self._connections.dec()
 
     def on_connect(self, client: MQTTServerProtocol, request: ConnectRequest) -> None:
-        client.conn.accept()
+        packet = request.packet
+        if packet.protocol_level == MQTT5:
+            expiry = packet.properties.get("session_expiry_interval", 0)
+        else:  # MQTT 3.1.1: a persistent session lasts until the broker's limit
+            expiry = 0 if packet.clean_start else NEVER_EXPIRES
+        present = self.broker.connect(client, packet.clean_start, expiry, packet.will)
+        client.conn.accept(session_present=present)
+        self.broker.resume(client)
         log.debug("%s connected as %r (MQTT level %d)", client.peer,
-                  request.packet.client_id, request.packet.protocol_level)
+                  client.conn.client_id, packet.protocol_level)
+
+    def on_disconnect(self, client: MQTTServerProtocol, event: ClientDisconnect) -> None:
+        self.broker.disconnected(client, event.reason_code,
+                                 event.properties.get("session_expiry_interval"))
+
+    def on_acknowledged(self, client: MQTTServerProtocol, event: PublishAcknowledged) -> None:
+        self.broker.acknowledged(client, event.packet_id)
 
     def on_violation(self, client: MQTTServerProtocol, reason: str, message: str) -> None:
         self.metrics.protocol_errors.labels("mqtt", reason).inc()
         log.warning("mqtt client %s (%r) closed: %s", client.peer, client.conn.client_id, message)
 
-    # -- subscriptions: answered correctly; routing to subscribers comes with the broker ---
+    # -- subscriptions ------------------------------------------------------------------
     def on_subscribe(self, client: MQTTServerProtocol, request: SubscribeRequest) -> None:
         packet = request.packet
-        granted = client.subscriptions
-        codes = []
-        for topic_filter, options in packet.subscriptions:
-            granted.add(topic_filter)
-            codes.append(options.qos)
+        ids = packet.properties.get("subscription_identifier")
+        codes = self.broker.subscribe(client, packet.subscriptions, ids[0] if ids else None)
         client.conn.suback(packet.packet_id, codes)
 
     def on_unsubscribe(self, client: MQTTServerProtocol, request: UnsubscribeRequest) -> None:
         packet = request.packet
-        granted = client.subscriptions
-        codes = []
-        for topic_filter in packet.topic_filters:
-            codes.append(SUCCESS if topic_filter in granted else NO_SUBSCRIPTION_EXISTED)
-            granted.discard(topic_filter)
-        client.conn.unsuback(packet.packet_id, codes)
+        client.conn.unsuback(packet.packet_id,
+                             self.broker.unsubscribe(client, packet.topic_filters))
 
     # -- the hot path ----------------------------------------------------------------------
     def on_publish(self, client: MQTTServerProtocol, batch: list[Publish],
@@ -189,7 +206,14 @@ class MQTTIngest:
         durable: list[Envelope] = []  # the QoS >= 1 ones among them
         acks: list[Publish] = []
         sheddable = 0  # messages of this read that may be shed (QoS 0 of a shed tier)
+        routing = self.broker.subscribed
+        routed: list[Publish] | None = None  # for the broker, once the read may be delivered
         for publish in batch:
+            if routing or publish.retain:
+                if routed is None:
+                    routed = [publish]
+                else:
+                    routed.append(publish)
             topic = publish.topic
             entry: tuple[Classification | PayloadRules, bool] | None = cache.get(topic)
             if entry is None:
@@ -232,10 +256,23 @@ class MQTTIngest:
             for publish in acks:
                 client.conn.ack(publish)
             self.enqueue(waiting)
+            if routed:
+                self._route(client, routed, received_at)
         elif durable or client.commits_pending:
-            self._append_durably(client, waiting, durable, acks)
+            self._append_durably(client, waiting, durable, acks, routed, received_at)
         else:
             self.enqueue(waiting)
+            if routed:
+                self._route(client, routed, received_at)
+
+    def _route(self, client: MQTTServerProtocol, publishes: list[Publish],
+               received_at: float) -> None:
+        """Hand a read's messages to the broker (in order: [MQTT-4.6.0-6])."""
+        publish = self.broker.publish
+        origin = client.conn.client_id
+        of = Message.of
+        for packet in publishes:
+            publish(of(packet, received_at), origin)
 
     def enqueue(self, envelopes: list[Envelope]) -> None:
         """Hand classified envelopes to their lanes, in order."""
@@ -249,15 +286,21 @@ class MQTTIngest:
         self.dispatcher.express()  # urgent work waiting goes now, not a loop turn later
 
     def _append_durably(self, client: MQTTServerProtocol, waiting: list[Envelope],
-                        durable: list[Envelope], acks: list[Publish]) -> None:
+                        durable: list[Envelope], acks: list[Publish],
+                        routed: list[Publish] | None = None, received_at: float = 0.0,
+                        ) -> None:
         assert self.wal is not None
         if durable and self.wal.refusing:
             if client.conn.version == MQTT5:  # say no: the client keeps the message
                 self._refuse(client, acks)
                 waiting = [e for e in waiting if not e.qos]
                 durable, acks = [], []
+                if routed:
+                    routed = [p for p in routed if not p.qos]
                 if not client.commits_pending:
                     self.enqueue(waiting)
+                    if routed:
+                        self._route(client, routed, received_at)
                     return
             else:
                 # MQTT 3.1.1 cannot be told no: take what this read carried (the limit is
@@ -276,12 +319,16 @@ class MQTTIngest:
                           error, len(durable), client.peer)
                 self._refuse(client, acks)
                 self.enqueue([e for e in waiting if not e.qos])
+                if routed:
+                    self._route(client, [p for p in routed if not p.qos], received_at)
                 return
             self.enqueue(waiting)
             conn = client.conn
             for publish in acks:
                 conn.ack(publish)
             client.flush()
+            if routed:
+                self._route(client, routed, received_at)
 
         client.commits_pending += 1
         self.uncommitted += len(waiting)
@@ -399,22 +446,9 @@ class MQTTIngest:
             envelope.anomaly = max((a.severity for a in anomalies), key=SEVERITY_RANK.__getitem__)
             self.raised(anomalies, envelope)
 
-    def publish_local(self, topic: str, payload: bytes) -> None:
-        """Deliver a message the gateway itself publishes (alerts) to the connected clients
-        subscribed to it, at QoS 0. (Sessions and retained messages come with the broker.)"""
-        for client in self.clients:
-            if not client.subscriptions or client.conn.client_id is None:
-                continue
-            for topic_filter in client.subscriptions:
-                if _filter(topic_filter).match(topic):
-                    try:
-                        client.conn.send_publish(topic, payload)
-                    except LocalProtocolError as err:  # larger than the client accepts
-                        log.warning("mqtt client %s (%r): %s not delivered: %s", client.peer,
-                                    client.conn.client_id, topic, err)
-                    else:
-                        client.flush()
-                    break
+    def publish_local(self, topic: str, payload: bytes, qos: int = 0) -> None:
+        """Publish a message of the gateway's own (alerts, results) through the broker."""
+        self.broker.publish(Message(topic, payload, qos))
 
     def raised(self, anomalies: list[Anomaly], envelope: Envelope | None = None) -> None:
         """Count, time, record and alert anomalies (from triage, silence checks or

@@ -140,6 +140,20 @@ class Metrics:
             ["pipeline"], registry=r)
         self.connections = Gauge(
             "iotgw_connections", "Open client connections", ["protocol"], registry=r)
+        # The MQTT broker (gateway/broker.py).
+        self.mqtt_delivered = Counter(
+            "iotgw_mqtt_delivered", "PUBLISH packets sent to subscribers", registry=r)
+        self.mqtt_dropped = Counter(
+            "iotgw_mqtt_dropped",
+            "Messages for subscribers not delivered: queue_full (a session's bound), "
+            "too_large (over the client's maximum packet size), session_ended",
+            ["reason"], registry=r)
+        self.mqtt_sessions = Gauge(
+            "iotgw_mqtt_sessions", "MQTT sessions kept (connected or not)", registry=r)
+        self.mqtt_subscriptions = Gauge(
+            "iotgw_mqtt_subscriptions", "MQTT subscriptions", registry=r)
+        self.mqtt_retained = Gauge(
+            "iotgw_mqtt_retained_messages", "Retained messages kept", registry=r)
         self.queue_depth = Gauge(
             "iotgw_queue_depth", "Messages waiting in each dispatcher lane", ["lane"], registry=r)
         self.ingest_pauses = Counter(

@@ -43,8 +43,8 @@ import os
 import re
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Protocol, TypeVar
 from urllib.parse import quote

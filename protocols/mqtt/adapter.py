@@ -19,6 +19,7 @@ from protocols.mqtt.connection import (
     ClientDisconnect,
     ConnectionClosed,
     ConnectRequest,
+    PublishAcknowledged,
     ServerConnection,
     SubscribeRequest,
     UnsubscribeRequest,
@@ -42,6 +43,12 @@ class MQTTHooks(Protocol):
     def on_subscribe(self, client: MQTTServerProtocol, request: SubscribeRequest) -> None: ...
 
     def on_unsubscribe(self, client: MQTTServerProtocol, request: UnsubscribeRequest) -> None: ...
+
+    def on_acknowledged(self, client: MQTTServerProtocol, event: PublishAcknowledged) -> None:
+        """The client finished a QoS 1/2 delivery to it."""
+
+    def on_disconnect(self, client: MQTTServerProtocol, event: ClientDisconnect) -> None:
+        """The client sent DISCONNECT (the connection closes next)."""
 
     def on_violation(self, client: MQTTServerProtocol, reason: str, message: str) -> None: ...
 
@@ -67,7 +74,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.opened = time.monotonic()
         # Owned by the application: its per-connection classification cache and filters.
         self.topic_cache: dict[str, Any] = {}
-        self.subscriptions: set[str] = set()
+        self.session: Any = None  # the broker's session, once connected
         self.commits_pending = 0  # group commits that hold this client's messages and acks
         self.sends_protected = False  # it sent work of a tier that is never shed
         self._paused_for: set[str] = set()  # why reading is paused: "writes", "slices", or
@@ -144,7 +151,10 @@ class MQTTServerProtocol(asyncio.Protocol):
                 hooks.on_subscribe(self, event)
             elif type(event) is UnsubscribeRequest:
                 hooks.on_unsubscribe(self, event)
+            elif type(event) is PublishAcknowledged:
+                hooks.on_acknowledged(self, event)
             elif type(event) is ClientDisconnect:
+                hooks.on_disconnect(self, event)
                 self._close()
             elif type(event) is ConnectionClosed:
                 violation = event.violation

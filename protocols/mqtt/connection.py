@@ -732,22 +732,28 @@ class ServerConnection:
         qos: int = 0,
         retain: bool = False,
         properties: dict[str, Any] | None = None,
+        packet_id: int | None = None,
     ) -> int | None:
         """Queue a PUBLISH to the client; returns its packet id (None for QoS 0). A QoS 1/2
         delivery ends with a `PublishAcknowledged` event. Raises `LocalProtocolError` when
-        the client's receive maximum is used up or the packet exceeds its maximum size."""
+        the client's receive maximum is used up or the packet exceeds its maximum size.
+        With `packet_id`, a QoS 1/2 PUBLISH of an earlier connection of the same session
+        is sent again, with DUP set [MQTT-4.4.0-1]."""
         if self.state is not State.CONNECTED:
             raise LocalProtocolError(
                 f"send_publish() needs an accepted connection ({self.state.name})"
             )
-        packet_id = None
+        dup = packet_id is not None
         if qos:
             if len(self._outbound) >= self._client_receive_maximum:
                 raise LocalProtocolError("the client's receive maximum is reached")
-            packet_id = self._free_packet_id()
+            if packet_id is None:
+                packet_id = self._free_packet_id()
+        else:
+            packet_id, dup = None, False
         assert self.version is not None
         data = encode(
-            Publish(topic, payload, qos, retain, False, packet_id, properties or {}), self.version
+            Publish(topic, payload, qos, retain, dup, packet_id, properties or {}), self.version
         )
         if len(data) > self._client_max_packet_size:
             raise LocalProtocolError(
@@ -758,6 +764,45 @@ class ServerConnection:
             self._next_packet_id = packet_id % 65535 + 1
         self._outgoing.append(data)
         return packet_id
+
+    def send_encoded_publish(self, data: bytes) -> None:
+        """Queue a QoS 0 PUBLISH already encoded for this connection's protocol version (a
+        message fanned out to many subscribers is encoded once). Dropped, as QoS 0 may be,
+        when it exceeds the client's maximum packet size [MQTT-3.1.2-25]."""
+        if self.state is State.CONNECTED and len(data) <= self._client_max_packet_size:
+            self._outgoing.append(data)
+
+    def send_pubrel(self, packet_id: int) -> None:
+        """Resume a QoS 2 delivery of an earlier connection that had its PUBREC: send the
+        PUBREL again and await the PUBCOMP [MQTT-4.4.0-1]."""
+        if self._require_connected("send_pubrel"):
+            self._outbound[packet_id] = _PUBCOMP
+            self._outgoing.append(_pack_ack(_PUBREL, 2, packet_id))
+
+    @property
+    def outbound_room(self) -> int:
+        """QoS 1/2 PUBLISH packets the client's receive maximum still admits."""
+        return self._client_receive_maximum - len(self._outbound)
+
+    @property
+    def client_max_packet_size(self) -> int:
+        return self._client_max_packet_size
+
+    def awaiting_release(self) -> list[int]:
+        """Inbound QoS 2 packet ids whose PUBREL is awaited: session state that outlives the
+        connection, so that a resent PUBLISH is not delivered twice [MQTT-4.3.3-13]."""
+        return [packet_id for packet_id, publish in self._inbound.items() if publish is None]
+
+    def awaiting_completion(self) -> list[int]:
+        """Outbound QoS 2 packet ids whose PUBREC came (the PUBCOMP is awaited): on the
+        session's next connection the PUBREL is sent again, not the PUBLISH."""
+        return [packet_id for packet_id, awaited in self._outbound.items()
+                if awaited == _PUBCOMP]
+
+    def restore_releases(self, packet_ids: list[int]) -> None:
+        """Take the inbound QoS 2 state of the session's earlier connection."""
+        for packet_id in packet_ids:
+            self._inbound.setdefault(packet_id, None)
 
     def _free_packet_id(self) -> int:
         packet_id = self._next_packet_id
