@@ -41,7 +41,7 @@ from aiohttp import web
 from gateway import __version__, systemd
 from gateway.admin import make_app
 from gateway.audit import AuditBusyError, AuditError, AuditLog
-from gateway.broker import Broker
+from gateway.broker import Broker, BrokerStore
 from gateway.classify import Classifier
 from gateway.config import ANOMALY_LANES, Config, load_config, split_host_port
 from gateway.dispatch import Dispatcher, Lane
@@ -148,6 +148,7 @@ class Gateway:
                                  summarise=self.audit.summarise if self.audit else None,
                                  max_uncommitted=config.wal.max_uncommitted, audit=self._audit,
                                  broker=Broker(config.broker, self.metrics))
+        self.broker_store = BrokerStore(self.ingest.broker, state_dir)
         self.ingest.configure(config.mqtt, config.tiers, config.dispatch, parts.classifier,
                               parts.detector)
         self.ingest.alerter = parts.alerter
@@ -263,6 +264,7 @@ class Gateway:
             self._replay(self.wal.recover())
             self._unwind.append(self.wal.close)
             await self._adopt_orphans()  # before any new traffic
+        self.broker_store.load()
         await self._listen()
         self._unwind.append(asyncio.create_task(self._housekeep()).cancel)
         self._unwind.append(asyncio.create_task(self._measure_loop_lag()).cancel)
@@ -411,6 +413,7 @@ class Gateway:
             log.warning("drain deadline: %d messages not processed; the acknowledged ones stay "
                         "in the write-ahead log for the next start", left)
         self.maintenance.close()
+        self.broker_store.save_now()  # every connection is closed: sessions are final
         await self._flush_and_retire(close=True)
         self.workers.close()
         if self.ingest.alerter is not None:  # webhooks still queued: a last chance
@@ -513,6 +516,7 @@ class Gateway:
         connect_timeout = self.config.mqtt.connect_timeout_s
         next_flush = time.monotonic() + SINK_FLUSH_INTERVAL_S
         next_adopt = time.monotonic() + ADOPT_INTERVAL_S
+        next_snapshot = time.monotonic()
         watchdog = systemd.watchdog_interval()
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
@@ -533,6 +537,9 @@ class Gateway:
                     client.close()
             self.ingest.resume_refused()
             self.ingest.broker.publish_metrics()
+            if now >= next_snapshot:
+                next_snapshot = now + self.config.broker.snapshot_interval_s
+                await self.broker_store.save_if_changed()
             if self.instance is not None and now >= next_adopt:
                 next_adopt = now + ADOPT_INTERVAL_S
                 await self._adopt_orphans()

@@ -35,14 +35,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from gateway.config import BrokerSection
+from gateway.statedir import write_atomically
 from protocols.mqtt.errors import LocalProtocolError
 from protocols.mqtt.packets import MQTT_5, Publish, SubscriptionOptions, Will
 from protocols.mqtt.trie import RetainedTree, SubscriptionTrie
@@ -114,8 +117,9 @@ class Delivery(msgspec.Struct, gc=False):
 class Session:
     """What the broker keeps for one client id (see the module docstring)."""
 
-    __slots__ = ("client", "client_id", "dropped", "expiry_s", "expiry_timer", "inflight",
-                 "queue", "releases", "subscriptions", "version", "will", "will_timer")
+    __slots__ = ("client", "client_id", "dropped", "expires_at", "expiry_s", "expiry_timer",
+                 "inflight", "queue", "releases", "subscriptions", "version", "will", "will_due",
+                 "will_timer")
 
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id
@@ -128,8 +132,34 @@ class Session:
         self.expiry_s = 0
         self.will: Will | None = None
         self.will_timer: asyncio.TimerHandle | None = None
+        self.will_due: float | None = None  # wall-clock time a delayed will goes out
         self.expiry_timer: asyncio.TimerHandle | None = None
+        self.expires_at: float | None = None  # wall-clock time the offline session ends
         self.dropped = 0
+
+
+class _SavedSession(msgspec.Struct, array_like=True):
+    client_id: str
+    version: int
+    expiry_s: int
+    expires_at: float
+    subscriptions: dict[str, Subscription]
+    queue: list[Delivery]
+    inflight: list[Delivery]
+    releases: list[int]
+    will: Will | None
+    will_due: float | None
+
+
+class _Saved(msgspec.Struct):
+    """The broker's durable state: persistent sessions and retained messages."""
+
+    format: int
+    sessions: list[_SavedSession]
+    retained: list[Message]
+
+
+STATE_FORMAT = 1
 
 
 def split_shared(topic_filter: str) -> tuple[str | None, str]:
@@ -156,6 +186,8 @@ class Broker:
         self._turn: itertools.count[int] = itertools.count()
         self._dirty: set[MQTTServerProtocol] = set()
         self._flush_scheduled = False
+        self.changed = False
+        """Durable state changed since the last ``save()``."""
         self.delivered = 0
         self._delivered_counted = 0
         self.dropped = 0
@@ -187,10 +219,11 @@ class Broker:
             session = self.sessions[client_id] = Session(client_id)
         if session.will_timer is not None:  # resumed in time: the will is not sent
             session.will_timer.cancel()
-            session.will_timer = None
+            session.will_timer = session.will_due = None
         if session.expiry_timer is not None:
             session.expiry_timer.cancel()
-            session.expiry_timer = None
+        session.expiry_timer = session.expires_at = None
+        self.changed = True
         session.client = client
         session.version = client.conn.version or MQTT_5
         session.expiry_s = min(expiry_s, self.settings.max_session_expiry_s)
@@ -242,16 +275,27 @@ class Broker:
         if session.expiry_s == 0:
             self._end(session, publish_will=True)
             return
-        loop = asyncio.get_running_loop()
+        now = time.time()
         will = session.will
         if will is not None:
             delay = min(will.properties.get("will_delay_interval", 0), session.expiry_s)
             if delay:
-                session.will_timer = loop.call_later(delay, self._publish_will, session)
+                self._will_at(session, now + delay)
             else:
                 self._publish_will(session)
+        self._expire_at(session, now + session.expiry_s)
+        self.changed = True
+
+    def _will_at(self, session: Session, due: float) -> None:
+        session.will_due = due
+        session.will_timer = asyncio.get_running_loop().call_later(
+            max(0.0, due - time.time()), self._publish_will, session)
+
+    def _expire_at(self, session: Session, when: float) -> None:
+        session.expires_at = when
         if session.expiry_s != NEVER_EXPIRES:
-            session.expiry_timer = loop.call_later(session.expiry_s, self._expire, session)
+            session.expiry_timer = asyncio.get_running_loop().call_later(
+                max(0.0, when - time.time()), self._expire, session)
 
     def _expire(self, session: Session) -> None:
         session.expiry_timer = None
@@ -260,6 +304,7 @@ class Broker:
 
     def _end(self, session: Session, publish_will: bool) -> None:
         """The session is over: its subscriptions go, and its will if still pending."""
+        self.changed = True
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
         for topic_filter in session.subscriptions:
@@ -279,7 +324,7 @@ class Broker:
         session.inflight.clear()
 
     def _publish_will(self, session: Session) -> None:
-        session.will_timer = None
+        session.will_timer = session.will_due = None
         will, session.will = session.will, None
         if will is None:
             return
@@ -321,6 +366,7 @@ class Broker:
                 codes.append(TOPIC_FILTER_INVALID)
                 continue
             session.subscriptions[topic_filter] = subscription
+            self.changed = True
             codes.append(options.qos)
             # Retained messages: 0 always, 1 only for a new subscription, 2 never; never for
             # shared subscriptions [MQTT-3.3.1-9..11, MQTT-3.8.4-4].
@@ -341,6 +387,7 @@ class Broker:
                 codes.append(NO_SUBSCRIPTION_EXISTED)
             else:
                 self._unroute(session.client_id, topic_filter)
+                self.changed = True
                 codes.append(0)
         return codes
 
@@ -353,6 +400,7 @@ class Broker:
         """Route ``message`` (from client id ``origin``, if any) to every matching
         subscription; keep it if retained. Returns the number of sessions it went to."""
         if message.retain:
+            self.changed = True
             if message.payload:
                 self.retained.set(message.topic, message)
             else:  # an empty retained message clears the topic [MQTT-3.3.1-10, -11]
@@ -431,6 +479,7 @@ class Broker:
             self._count_dropped(session, 1, "queue_full")
             return
         session.queue.append(delivery)
+        self.changed = True
 
     def _count_dropped(self, session: Session, n: int, reason: str) -> None:
         session.dropped += n
@@ -468,6 +517,7 @@ class Broker:
         if packet_id is not None:
             delivery.packet_id = packet_id
             session.inflight[packet_id] = delivery
+            self.changed = True
         self.delivered += 1
         return True
 
@@ -476,7 +526,8 @@ class Broker:
         session: Session | None = client.session
         if session is None:
             return
-        session.inflight.pop(packet_id, None)
+        if session.inflight.pop(packet_id, None) is not None:
+            self.changed = True
         self._pump(session)
         self._mark(client)
 
@@ -488,6 +539,60 @@ class Broker:
         queue = session.queue
         while queue and (queue[0].qos == 0 or conn.outbound_room > 0):
             self._send(session, client, queue.popleft())
+
+    # -- durable state --------------------------------------------------------------------
+    def save(self) -> bytes:
+        """The persistent sessions (expiry > 0) and retained messages, encoded. Connected
+        sessions are saved as if they went away now: after a crash their clients reconnect
+        and resume them."""
+        now = time.time()
+        sessions = []
+        for session in self.sessions.values():
+            if not session.expiry_s:
+                continue
+            sessions.append(_SavedSession(
+                session.client_id, session.version, session.expiry_s,
+                session.expires_at if session.expires_at is not None
+                else now + session.expiry_s,
+                session.subscriptions, list(session.queue), list(session.inflight.values()),
+                session.releases if session.client is None
+                else session.client.conn.awaiting_release(),
+                session.will, session.will_due))
+        retained = [message for _, message in self.retained.items()]
+        self.changed = False
+        return msgspec.msgpack.encode(_Saved(STATE_FORMAT, sessions, retained))
+
+    def restore(self, data: bytes) -> tuple[int, int]:
+        """Take the state ``save()`` wrote (on the loop, before any client connects);
+        returns (sessions, retained messages) restored. Sessions whose expiry passed while
+        the gateway was down end now, publishing their wills."""
+        saved = msgspec.msgpack.decode(data, type=_Saved)
+        if saved.format != STATE_FORMAT:
+            raise ValueError(f"unknown broker state format {saved.format}")
+        for message in saved.retained:
+            self.retained.set(message.topic, message)
+        now = time.time()
+        for entry in saved.sessions:
+            session = self.sessions[entry.client_id] = Session(entry.client_id)
+            session.version, session.expiry_s = entry.version, entry.expiry_s
+            session.subscriptions = entry.subscriptions
+            for topic_filter, subscription in entry.subscriptions.items():
+                group, inner = split_shared(topic_filter)
+                self._trie.add(inner, entry.client_id if group is None
+                               else (group, entry.client_id), subscription)
+            session.queue.extend(entry.queue)
+            session.inflight = {d.packet_id: d for d in entry.inflight
+                                if d.packet_id is not None}
+            session.releases = entry.releases
+            session.will = entry.will
+            if entry.expiry_s != NEVER_EXPIRES and entry.expires_at <= now:
+                self._end(session, publish_will=True)
+                continue
+            if entry.will is not None and entry.will_due is not None:
+                self._will_at(session, entry.will_due)
+            self._expire_at(session, entry.expires_at)
+        self.changed = False
+        return len(self.sessions), len(self.retained)
 
     def publish_metrics(self) -> None:
         """Bring the gauges and the delivered counter up to date (housekeeping: counting
@@ -514,3 +619,50 @@ class Broker:
         for client in dirty:
             client.flush()
 
+
+
+class BrokerStore:
+    """The broker's durable state in ``<state_dir>/broker/state.msgpack``: loaded at start,
+    saved every ``snapshot_interval_s`` when something changed (encoded on the loop, written
+    and fsynced in a thread), and at shutdown once every connection is closed. A crash
+    loses at most the last interval's session changes (Mosquitto's default autosave is
+    every 30 minutes); messages acknowledged to publishers stay in the write-ahead log."""
+
+    def __init__(self, broker: Broker, state_dir: Path) -> None:
+        self.broker = broker
+        self.path = state_dir / "broker" / "state.msgpack"
+        self._writing: asyncio.Future[None] | None = None
+
+    def load(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            sessions, retained = self.broker.restore(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as err:
+            kept = self.path.with_name(f"state.corrupt-{int(time.time())}.msgpack")
+            os.replace(self.path, kept)
+            log.error("broker state %s cannot be read (%s): kept as %s; starting without "
+                      "persistent sessions and retained messages", self.path, err, kept.name)
+            return
+        log.info("broker state: %d sessions and %d retained messages restored from %s",
+                 sessions, retained, self.path)
+
+    async def save_if_changed(self) -> None:
+        if not self.broker.changed or (self._writing is not None and not self._writing.done()):
+            return
+        data = self.broker.save()
+        loop = asyncio.get_running_loop()
+        self._writing = loop.run_in_executor(None, self._write, data)
+        await self._writing
+
+    def save_now(self) -> None:
+        self._write(self.broker.save())
+
+    def _write(self, data: bytes) -> None:
+        try:
+            write_atomically(self.path, data)
+        except OSError as err:
+            self.broker.changed = True  # try again next time
+            log.error("broker state not saved to %s: %s", self.path, err)

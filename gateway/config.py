@@ -77,6 +77,8 @@ class BrokerSection(_Base, frozen=True):
     """Longest a session outlives its connection (MQTT 3.1.1 persistent sessions get this)."""
     queue_qos0: bool = False
     """Also queue QoS 0 messages for offline persistent sessions (Mosquitto's default: no)."""
+    snapshot_interval_s: Annotated[float, Meta(gt=0)] = 5.0
+    """How often changed sessions and retained messages are saved to the state dir."""
 
 
 class AdminSection(_Base, frozen=True):

@@ -287,6 +287,12 @@ class RetainedTree(Generic[V]):
         self._count += is_new
         return is_new
 
+    def items(self) -> list[tuple[str, V]]:
+        """Every retained (topic, value), ``$`` topics included (to save them)."""
+        result: list[tuple[str, V]] = []
+        _collect(self._root, result)
+        return result
+
     def get(self, topic: str) -> V | None:
         """The value retained for `topic`, None if there is none."""
         node = self._root

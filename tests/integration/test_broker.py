@@ -8,10 +8,12 @@ import asyncio
 import contextlib
 import queue
 import shutil
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -21,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from tests.conftest import RunningGateway
+from tests.conftest import RunningGateway, config_text, start_serve
 
 pytestmark = pytest.mark.integration
 
@@ -523,3 +525,58 @@ def test_amqtt_client_subscribes_and_receives(gateway: RunningGateway) -> None:
 
     got = asyncio.run(run())
     assert sorted(got) == [("amqtt/0", b"q0", 0), ("amqtt/1", b"q1", 1), ("amqtt/2", b"q2", 2)]
+
+
+# -- sessions survive a restart ---------------------------------------------------------------
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_sessions_and_retained_messages_survive_a_restart(gateway_factory: Any,
+                                                          version: int) -> None:
+    """3.1.1 [MQTT-3.1.2-4], 5.0 [MQTT-3.1.2-5] and 4.1: the session state (subscriptions,
+    QoS 1/2 messages queued for it) and retained messages outlive a restart of the
+    server; [MQTT-3.2.2-3] the reconnecting client is told its session is present."""
+    extra = {"expiry": 300} if version == 5 else {}
+    first = gateway_factory()
+    sub = Client(first.mqtt_port, f"durable-{version}", version, clean=False, **extra)
+    sub.subscribe("alarms/#", 1)
+    sub.close()
+    pub = Client(first.mqtt_port, "durable-pub", version)
+    for i in range(3):
+        pub.publish(f"alarms/{i}", b"%d" % i, qos=1)
+    pub.publish("config/rate", b"10", qos=1, retain=True)
+    pub.close()
+    first.stop()
+    second = gateway_factory()
+    back = Client(second.mqtt_port, f"durable-{version}", version, clean=False, **extra)
+    assert back.session_present
+    assert [m.payload for m in back.receive(3)] == [b"0", b"1", b"2"]
+    reader = Client(second.mqtt_port, "durable-reader", version)
+    reader.subscribe("config/#", 1)
+    assert reader.receive()[0].payload == b"10"
+    for c in (back, reader):
+        c.close()
+
+
+def test_sessions_survive_a_crash_within_the_snapshot_interval(tmp_path: Path) -> None:
+    """After SIGKILL, what was saved (every ``snapshot_interval_s``) comes back."""
+    text = config_text(tmp_path, "[broker]\nsnapshot_interval_s = 0.2\n")
+    (tmp_path / "gw.toml").write_text(text)
+    gw = start_serve(tmp_path, "--config", "gw.toml")
+    sub = Client(gw.mqtt_port, "crash-sub", clean=False, expiry=300)
+    sub.subscribe("crash/#", 1)
+    sub.close()
+    pub = Client(gw.mqtt_port, "crash-pub")
+    pub.publish("crash/1", b"kept", qos=1)
+    pub.publish("crash/cfg", b"retained", qos=1, retain=True)
+    pub.close()
+    time.sleep(1.5)  # a few snapshot intervals
+    gw.send_signal(signal.SIGKILL)
+    gw.wait(10)
+    again = start_serve(tmp_path, "--config", "gw.toml")
+    back = Client(again.mqtt_port, "crash-sub", clean=False, expiry=300)
+    assert back.session_present
+    got = {m.topic: m.payload for m in back.receive(2)}
+    assert got == {"crash/1": b"kept", "crash/cfg": b"retained"}
+    back.close()
+    again.terminate()
+    again.wait(30)
