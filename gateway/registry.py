@@ -37,7 +37,7 @@ import asyncio
 import csv
 import functools
 import sys
-from collections.abc import Collection, Generator, Iterator, Mapping
+from collections.abc import Collection, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -329,7 +329,7 @@ def _load_csv(file: Any, name: str, check_tier: _TierCheck, rows_per_step: int =
     return shards, names
 
 
-def _emptied(shards: list[dict[str, DeviceRecord]], per_step: int,
+def _emptied(shards: Sequence[dict[str, DeviceRecord]], per_step: int,
              ) -> Generator[None, None, None]:
     """Empty ``shards`` ``per_step`` records at a time, yielding in between."""
     left = per_step
