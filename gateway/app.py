@@ -323,7 +323,8 @@ class Gateway:
         mqtt = self.config.mqtt
         codec_options = {"max_packet_size": mqtt.max_packet_size,
                          "receive_maximum": mqtt.receive_maximum,
-                         "max_keepalive": mqtt.max_keepalive}
+                         "max_keepalive": mqtt.max_keepalive,
+                         "topic_alias_maximum": mqtt.topic_alias_maximum}
         host, port = split_host_port(self.mqtt_listen)
         try:
             # SO_REUSEPORT: a new daemon can bind beside this one during an upgrade handover.

@@ -60,6 +60,8 @@ class MQTTListener(_Base, frozen=True):
     connect_timeout_s: Annotated[float, Meta(gt=0)] = 10.0
     write_high_water: PositiveInt = 256 * 1024
     """Stop reading a client whose unsent acks exceed this many bytes."""
+    topic_alias_maximum: Annotated[int, Meta(ge=0, le=65535)] = 64
+    """MQTT 5 topic aliases a client may set per connection (0: none)."""
     max_topic_cache: PositiveInt = 1024
     """Per connection: topic → classification entries kept."""
 

@@ -206,12 +206,14 @@ class ServerConnection:
         receive_maximum: int = 1024,
         max_keepalive: int = 0,
         retain_available: bool = True,
+        topic_alias_maximum: int = 0,
     ) -> None:
         """`max_packet_size`: largest inbound packet, whole (advertised in MQTT 5).
         `receive_maximum`: inbound QoS 1/2 messages in flight (MQTT 5 only).
         `max_keepalive`: cap on the client's keep alive, 0 for none (MQTT 5 can tell the
         client; an MQTT 3.1.1 client's keep alive is kept as it is).
-        `retain_available`: False refuses retained PUBLISH and Will (MQTT 5 only)."""
+        `retain_available`: False refuses retained PUBLISH and Will (MQTT 5 only).
+        `topic_alias_maximum`: inbound topic aliases a client may set (MQTT 5 only)."""
         if not 2 <= max_packet_size <= MAX_PACKET_SIZE:
             raise ValueError(f"max_packet_size must be 2..{MAX_PACKET_SIZE}")
         if not 1 <= receive_maximum <= 65535:
@@ -229,6 +231,10 @@ class ServerConnection:
         self._receive_maximum = receive_maximum
         self._max_keepalive = max_keepalive
         self._retain_available = retain_available
+        if not 0 <= topic_alias_maximum <= 65535:
+            raise ValueError("topic_alias_maximum must be 0..65535")
+        self._topic_alias_maximum = topic_alias_maximum
+        self._aliases: dict[int, str] | None = None  # made on first use: most clients never
         # The inline PUBLISH path takes remaining lengths up to this (2 bytes, and one byte
         # short of the limit so that it never has to tell 2- from 3-byte headers apart).
         self._inline_length_limit = min(0x3FFF, max_packet_size - 4)
@@ -504,8 +510,9 @@ class ServerConnection:
     def _on_publish(self, packet: Publish) -> Event | None:
         properties = packet.properties
         if properties:
-            if "topic_alias" in properties:
-                raise ProtocolViolation("topic_alias_invalid", "topic alias maximum is 0")
+            alias = properties.get("topic_alias")
+            if alias is not None:
+                packet = self._resolve_alias(packet, alias)
             if "subscription_identifier" in properties:
                 raise ProtocolViolation("protocol_error", "subscription identifier from a client")
         if packet.retain and self.version == MQTT_5 and not self._retain_available:
@@ -525,6 +532,22 @@ class ServerConnection:
                 f"more than {self._inbound_limit} QoS 1/2 messages in flight",
             )
         return packet
+
+    def _resolve_alias(self, packet: Publish, alias: int) -> Publish:
+        """MQTT 5 topic alias: a PUBLISH with a topic name sets the alias, one without uses
+        it [MQTT-3.3.2-12]; 0 or above our maximum is a protocol error [MQTT-3.3.2-9]."""
+        if not 0 < alias <= self._topic_alias_maximum:
+            raise ProtocolViolation("topic_alias_invalid",
+                                    f"topic alias {alias} outside 1..{self._topic_alias_maximum}")
+        if self._aliases is None:
+            self._aliases = {}
+        if packet.topic:
+            self._aliases[alias] = packet.topic
+            return packet
+        topic = self._aliases.get(alias)
+        if topic is None:
+            raise ProtocolViolation("protocol_error", f"topic alias {alias} was never set")
+        return msgspec.structs.replace(packet, topic=topic)
 
     def _on_pubrel(self, packet: Pubrel) -> None:
         packet_id = packet.packet_id
@@ -597,7 +620,8 @@ class ServerConnection:
         if session_present and connect.clean_start:
             raise LocalProtocolError("a clean start cannot have a session present")
         if self.version == MQTT_5:
-            connack_properties: dict[str, Any] = {"topic_alias_maximum": 0}
+            connack_properties: dict[str, Any] = {
+                "topic_alias_maximum": self._topic_alias_maximum}
             if self._receive_maximum != 65535:
                 connack_properties["receive_maximum"] = self._receive_maximum
             if self._max_packet_size < MAX_PACKET_SIZE:

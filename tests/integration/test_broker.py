@@ -580,3 +580,21 @@ def test_sessions_survive_a_crash_within_the_snapshot_interval(tmp_path: Path) -
     back.close()
     again.terminate()
     again.wait(30)
+
+
+def test_topic_aliases_from_the_client(clients: Make) -> None:
+    """5.0 [MQTT-3.3.2-12]: a PUBLISH with a topic name and an alias sets the alias; one
+    with an empty name uses it. The CONNACK announces the maximum (3.2.2.3.8)."""
+    sub = clients("alias-sub")
+    sub.subscribe("long/topic/name/for/a/sensor", 1)
+    pub = clients("alias-pub")
+    first = Properties(PacketTypes.PUBLISH)
+    first.TopicAlias = 1
+    pub.publish("long/topic/name/for/a/sensor", b"1", qos=1, properties=first)
+    again = Properties(PacketTypes.PUBLISH)
+    again.TopicAlias = 1
+    pub.publish("", b"2", qos=1, properties=again)
+    got = sub.receive(2)
+    assert [(m.topic, m.payload) for m in got] == [("long/topic/name/for/a/sensor", b"1"),
+                                                   ("long/topic/name/for/a/sensor", b"2")]
+    assert not hasattr(got[1].properties, "TopicAlias")  # one hop only [MQTT-3.3.2-7]
