@@ -149,6 +149,7 @@ class Gateway:
                                  max_uncommitted=config.wal.max_uncommitted, audit=self._audit,
                                  broker=Broker(config.broker, self.metrics))
         self.broker_store = BrokerStore(self.ingest.broker, state_dir)
+        self._attach_broker(self.sinks)
         self.ingest.configure(config.mqtt, config.tiers, config.dispatch, parts.classifier,
                               parts.detector)
         self.ingest.alerter = parts.alerter
@@ -423,6 +424,13 @@ class Gateway:
         await self._run_unwind()
         log.info("stopped: %d messages processed", self.workers.processed)
 
+    def _attach_broker(self, sinks: dict[str, Sink]) -> None:
+        """Sinks that publish over MQTT (type ``mqtt``) do so through this gateway's broker."""
+        for sink in sinks.values():
+            attach = getattr(sink, "attach_broker", None)
+            if attach is not None:
+                attach(self.ingest.broker)
+
     async def _run_unwind(self) -> None:
         while self._unwind:
             result = self._unwind.pop()()
@@ -452,6 +460,7 @@ class Gateway:
         old_sinks = self.sinks
         self.config = new
         self.sinks = parts.sinks
+        self._attach_broker(self.sinks)
         self.registry = parts.registry
         self.dispatcher.reconfigure(new.tiers, new.dispatch,
                                     default_tier=new.classify.default_tier,

@@ -46,7 +46,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Protocol, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 from urllib.parse import quote
 
 import msgspec
@@ -479,9 +479,90 @@ def _path_value(value: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# mqtt: processed results published through the gateway's own broker
+
+_TOPIC_FIELDS = ("tier", "device", "tenant", "region", "topic", "device_class")
+
+
+class MQTTOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    topic: str = "processed/{tenant}/{device}"
+    """Topic template; fields: {tier}, {device}, {tenant}, {region}, {topic}, {device_class}."""
+    qos: Annotated[int, Meta(ge=0, le=2)] = 0
+    retain: bool = False
+    payload: Literal["record", "raw"] = "record"
+    """``record``: a JSON object (id, device, tenant, tier, region, topic, received_at, data,
+    meta); ``raw``: the payload as it came in."""
+
+
+class MQTTSink:
+    """Publishes each processed message through the gateway's broker, so operators and
+    downstream services subscribe with plain MQTT. Until the gateway attaches its broker
+    (``attach_broker``) nothing is published; a topic that comes out invalid (a device id
+    with a wildcard, say) is counted as a sink error and logged once per device."""
+
+    Options: ClassVar[type[msgspec.Struct]] = MQTTOptions
+
+    def __init__(self, name: str, options: MQTTOptions, metrics: Metrics) -> None:
+        try:
+            options.topic.format(**dict.fromkeys(_TOPIC_FIELDS, "x"))
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"options.topic {options.topic!r}: unknown or bad field {err} "
+                             f"(known: {', '.join(_TOPIC_FIELDS)})") from None
+        self.name = name
+        self.options = options
+        self._publish: Callable[[Any], Any] | None = None
+        self._message: Any = None
+        self._encode = msgspec.json.Encoder().encode
+        self._records = metrics.sink_records.labels(name)
+        self._errors = metrics.sink_errors.labels(name)
+        self._bad: set[str] = set()
+
+    def attach_broker(self, broker: Any) -> None:
+        from gateway.broker import Message  # the broker imports the config, not the sinks
+
+        self._publish, self._message = broker.publish, Message
+
+    def write(self, batch: list[Envelope]) -> None:
+        publish, message = self._publish, self._message
+        if publish is None:
+            return
+        options = self.options
+        template, qos, retain, raw = options.topic, options.qos, options.retain, (
+            options.payload == "raw")
+        encode = self._encode
+        sent = 0
+        for env in batch:
+            topic = template.format(tier=env.tier, device=env.device, tenant=env.tenant,
+                                    region=env.region, topic=env.topic,
+                                    device_class=env.device_class)
+            if "+" in topic or "#" in topic or not topic or "\x00" in topic:
+                self._errors.inc()
+                if env.device not in self._bad:
+                    self._bad.add(env.device)
+                    log.error("sink %s: topic %r from device %r is not a valid topic name",
+                              self.name, topic, env.device)
+                continue
+            payload = bytes(env.payload) if raw else encode({
+                "id": env.id, "device": env.device, "tenant": env.tenant, "tier": env.tier,
+                "region": env.region, "topic": env.topic, "received_at": env.received_at,
+                "data": env.data, "meta": env.meta})
+            publish(message(topic, payload, qos, retain))
+            sent += 1
+        if sent:
+            self._records.inc(sent)
+
+    async def flush(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self._publish = None
+
+
+# --------------------------------------------------------------------------------------------
 # Registry and construction
 
-BUILTIN_SINKS: dict[str, SinkFactory] = {"null": NullSink, "jsonl": JsonLinesSink}
+BUILTIN_SINKS: dict[str, SinkFactory] = {"null": NullSink, "jsonl": JsonLinesSink,
+                                          "mqtt": MQTTSink}
 
 SINKS: dict[str, SinkFactory]
 BROKEN_SINKS: dict[str, str]

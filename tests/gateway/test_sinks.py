@@ -368,7 +368,7 @@ type = "null"
 
 
 @pytest.mark.parametrize(("table", "error"), [
-    ('type = "kafka"', r"^sinks\.lake\.type: unknown sink 'kafka' \(known: jsonl, null\)$"),
+    ('type = "kafka"', r"^sinks\.lake\.type: unknown sink 'kafka' \(known: jsonl, mqtt, null\)$"),
     ('type = "jsonl"\noptions = { max_file_bytes = 0 }',
      r"^sinks\.lake\.options\.max_file_bytes: expected int >= 1$"),
     ('type = "jsonl"\noptions = { dri = "x" }', r"^sinks\.lake\.options\.dri: unknown field$"),
@@ -428,3 +428,24 @@ def test_third_party_sinks_come_from_entry_points(
     with pytest.raises(ConfigError, match=r"^sinks\.k\.type: sink 'broken' could not be "
                                           r"loaded: AttributeError"):
         build_sinks(parse_config(CONFIG + '[sinks.k]\ntype = "broken"'), Metrics())
+
+
+def test_mqtt_sink_template_errors_and_invalid_topics(caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.broker import Broker
+    from gateway.sinks import MQTTOptions, MQTTSink
+
+    with pytest.raises(ValueError, match="unknown or bad field 'nope'"):
+        MQTTSink("out", MQTTOptions(topic="x/{nope}"), Metrics())
+    metrics = Metrics()
+    sink = MQTTSink("out", MQTTOptions(topic="r/{device}", payload="raw"), metrics)
+    sink.write([env(1)])  # no broker attached yet: nothing, no error
+    broker = Broker()
+    published: list[Any] = []
+    broker.publish = published.append  # type: ignore[method-assign, assignment]
+    sink.attach_broker(broker)
+    with caplog.at_level(logging.ERROR):
+        sink.write([env(2), env(3, device="a+b"), env(4, device="a+b")])
+    assert [(m.topic, m.payload) for m in published] == [("r/dev-2", b'{"t": 21.5}')]
+    assert sample(metrics, "iotgw_sink_errors_total", {"sink": "out"}) == 2
+    assert caplog.text.count("is not a valid topic name") == 1
+    assert sample(metrics, "iotgw_sink_records_total", {"sink": "out"}) == 1

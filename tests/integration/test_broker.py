@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import queue
 import shutil
 import signal
@@ -598,3 +599,25 @@ def test_topic_aliases_from_the_client(clients: Make) -> None:
     assert [(m.topic, m.payload) for m in got] == [("long/topic/name/for/a/sensor", b"1"),
                                                    ("long/topic/name/for/a/sensor", b"2")]
     assert not hasattr(got[1].properties, "TopicAlias")  # one hop only [MQTT-3.3.2-7]
+
+
+def test_processed_results_can_be_subscribed_to(gateway_factory: Any) -> None:
+    """What the gateway produces goes out through the same broker: an ``mqtt`` sink
+    publishes each processed message, enriched and classified, to a topic template."""
+    from tests.conftest import DEFAULT_TOML
+
+    base = DEFAULT_TOML.replace('{ type = "route", sinks = ["lake"] }',
+                                '{ type = "route", sinks = ["lake", "results"] }')
+    assert base != DEFAULT_TOML
+    gw = gateway_factory('[sinks.results]\ntype = "mqtt"\n'
+                         'options = { topic = "processed/{tier}/{device}", qos = 1 }\n', base)
+    operator = Client(gw.mqtt_port, "operator")
+    operator.subscribe("processed/#", 1)
+    device = Client(gw.mqtt_port, "pump-9", 4)
+    device.publish("medical/pump-9/vitals", b'{"heart_rate": 70}', qos=1)
+    (result,) = operator.receive()
+    assert result.topic == "processed/critical/pump-9" and result.qos == 1
+    record = json.loads(result.payload)
+    assert record["data"] == {"heart_rate": 70} and record["tier"] == "critical"
+    for c in (operator, device):
+        c.close()
