@@ -41,6 +41,7 @@ from aiohttp import web
 from gateway import __version__, systemd
 from gateway.admin import make_app
 from gateway.audit import AuditBusyError, AuditError, AuditLog
+from gateway.auth import Security, build_security
 from gateway.broker import Broker, BrokerStore
 from gateway.classify import Classifier
 from gateway.config import ANOMALY_LANES, Config, load_config, split_host_port
@@ -91,6 +92,7 @@ class _Parts:
     anomaly_lanes: tuple[str, ...]
     """The dispatcher's anomaly lanes, most severe first (when triage is configured)."""
     alerter: Alerter | None
+    security: Security
 
 
 def config_digest(config: Config) -> str:
@@ -119,6 +121,8 @@ class Gateway:
         self._audit_backlog: list[tuple[str, dict[str, Any]]] = []
         self._reloading: asyncio.Task[bool] | None = None
         self._mqtt_server: asyncio.AbstractServer | None = None
+        self._mqtt_tls_server: asyncio.AbstractServer | None = None
+        self.mqtt_tls_address: tuple[str, int] | None = None
 
         state_dir = Path(config.gateway.state_dir)
         self.audit = (AuditLog(config.audit.dir, node_id=config.gateway.node_id,
@@ -149,6 +153,7 @@ class Gateway:
                                  max_uncommitted=config.wal.max_uncommitted, audit=self._audit,
                                  broker=Broker(config.broker, self.metrics))
         self.broker_store = BrokerStore(self.ingest.broker, state_dir)
+        self.ingest.security = parts.security
         self._attach_broker(self.sinks)
         self.ingest.configure(config.mqtt, config.tiers, config.dispatch, parts.classifier,
                               parts.detector)
@@ -175,8 +180,10 @@ class Gateway:
                               alerts=self.metrics.alerts, failures=self.metrics.alert_failures,
                               node=config.gateway.node_id)
         validate_maintenance(config)
+        # Paths in the config are relative to the working directory, as the others are.
+        security = build_security(config.auth, Path.cwd())
         return _Parts(config, registry, classifier, sinks, pipelines, detector, anomaly_lanes,
-                      alerter)
+                      alerter, security)
 
     def _routing(self, config: Config, registry: DeviceRegistry, sinks: dict[str, Sink],
                  anomalies: bool) -> tuple[dict[str, Pipeline], Classifier]:
@@ -337,6 +344,20 @@ class Gateway:
         self._mqtt_server = server
         self._unwind.append(server.close)
         self.mqtt_address = server.sockets[0].getsockname()[:2]
+        tls = self.ingest.security.tls if self.ingest.security is not None else None
+        if tls is not None:
+            where = f"{tls.host}:{tls.port}"
+            try:
+                server = await loop.create_server(
+                    lambda: MQTTServerProtocol(self.ingest, codec_options,
+                                               mqtt.write_high_water),
+                    tls.host, tls.port, ssl=tls.context, backlog=4096, reuse_port=True)
+            except OSError as err:
+                raise _listen_error("MQTT over TLS", where, err, "auth.tls.listen") from None
+            self._mqtt_tls_server = server
+            self._unwind.append(server.close)
+            self.mqtt_tls_address = server.sockets[0].getsockname()[:2]
+            log.info("MQTT over TLS on %s", _hostport(self.mqtt_tls_address))
 
         runner = web.AppRunner(make_app(self), access_log=None)
         await runner.setup()
@@ -395,8 +416,9 @@ class Gateway:
         queued = self.dispatcher.queued
         log.info("draining (%s): %d queued", self._stop_reason or "stop", queued)
         self._audit("drain", reason=self._stop_reason, queued=queued)
-        if self._mqtt_server is not None:
-            self._mqtt_server.close()
+        for server in (self._mqtt_server, self._mqtt_tls_server):
+            if server is not None:
+                server.close()
         self.ingest.accepting = False
         for client in list(self.ingest.clients):
             client.close(SERVER_SHUTTING_DOWN)
@@ -471,6 +493,7 @@ class Gateway:
         self.ingest.broker.settings = new.broker  # bounds apply to what comes next
         self.ingest.configure(new.mqtt, new.tiers, new.dispatch, parts.classifier,
                               parts.detector)
+        self.ingest.reconfigure_security(parts.security)
         old_alerter, self.ingest.alerter = self.ingest.alerter, parts.alerter
         if old_alerter is not None:
             await old_alerter.close(ALERT_CLOSE_TIMEOUT_S)

@@ -39,6 +39,8 @@ BENCH_CONFIG = """
 [gateway]
 node_id = "bench"
 log_level = "WARNING"
+[auth]
+allow_anonymous = true
 [dispatch]
 batch_size = 512
 slots = 4

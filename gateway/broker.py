@@ -662,6 +662,7 @@ class BrokerStore:
 
     def _write(self, data: bytes) -> None:
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(self.path, data)
         except OSError as err:
             self.broker.changed = True  # try again next time

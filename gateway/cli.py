@@ -16,6 +16,7 @@ import click
 
 from gateway import __version__
 from gateway.audit import audit_group
+from gateway.auth import passwd_command
 from gateway.config import Config, load_config, split_host_port
 from gateway.errors import ConfigError, GatewayError
 
@@ -229,6 +230,7 @@ def bench_scenario(overload: float, anomaly_rate: float, connections: int, phase
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
 def check_config(path: Path) -> None:
     """Validate a config file: exit 0 if it is valid, 2 with the errors if not."""
+    from gateway.auth import build_security
     from gateway.maintenance import validate as validate_maintenance
     from gateway.pipeline import validate_pipelines
 
@@ -236,6 +238,7 @@ def check_config(path: Path) -> None:
     try:
         validate_pipelines(config)
         validate_maintenance(config)
+        build_security(config.auth, Path.cwd())
     except ConfigError as err:
         raise _ConfigClickException(f"{path}: {err}") from None
     click.echo(f"{path}: ok ({len(config.tiers)} tiers, {len(config.pipelines)} pipelines, "
@@ -275,6 +278,7 @@ def bench(messages: int, connections: int, payload_size: int, qos_levels: str, p
 
 
 main.add_command(audit_group)
+main.add_command(passwd_command)
 
 if __name__ == "__main__":
     main()

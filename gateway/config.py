@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from gateway.auth import AuthSection
 from gateway.errors import ConfigError
 from policies.anomaly import AnomalySection
 from policies.maintenance import MaintenanceSection
@@ -229,6 +230,7 @@ class Config(_Base, frozen=True):
     gateway: GatewaySection = GatewaySection()
     mqtt: MQTTListener = MQTTListener()
     broker: BrokerSection = BrokerSection()
+    auth: AuthSection = AuthSection()
     admin: AdminSection = AdminSection()
     dispatch: DispatchSection = DispatchSection()
     tiers: list[Tier] = []

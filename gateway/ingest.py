@@ -16,6 +16,7 @@ takes work again, and are disconnected if a commit fails (they resend what was n
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from gateway.auth import AuthResult, IdentityAcl, Security
 from gateway.broker import NEVER_EXPIRES, Broker, Message
 from gateway.classify import Classification, Classifier, PayloadRules
 from gateway.config import ANOMALY_LANES, DispatchSection, MQTTListener, Tier
@@ -41,7 +43,7 @@ from protocols.mqtt.connection import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
-from protocols.mqtt.packets import Publish
+from protocols.mqtt.packets import Connect, Publish
 from protocols.mqtt.topics import compile_topic_filter
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ log = logging.getLogger("iotgw.ingest")
 SUCCESS = 0x00
 NO_SUBSCRIPTION_EXISTED = 0x11
 QUOTA_EXCEEDED = 0x97
+NOT_AUTHORIZED = 0x87
 UNSPECIFIED_ERROR = 0x80
 MQTT5 = 5
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2, "emergency": 3}
@@ -117,6 +120,9 @@ class MQTTIngest:
         self._commit_pressure = False
         self._audit = audit
         self.detector: AnomalyDetector | None = None
+        self.security: Security | None = None
+        """Authentication, ACLs and limits (``[auth]``); None: anyone may do anything."""
+        self._checks: set[asyncio.Task[None]] = set()  # password checks in flight
         self._decode = msgspec.json.Decoder().decode
         self.configure(settings, tiers, dispatch, classifier)
 
@@ -146,6 +152,17 @@ class MQTTIngest:
     def on_open(self, client: MQTTServerProtocol) -> None:
         self.clients.add(client)
         self._connections.inc()
+        security = self.security
+        if security is not None:
+            guard = security.flood_guard
+            if guard is not None and not guard.allow(client.peer.rpartition(":")[0],
+                                                     time.monotonic()):
+                self._refused_connection(client, "connection_flood")
+                log.warning("mqtt client %s: too many connections from its address; closed",
+                            client.peer)
+                client.close()
+                return
+            client.limiter = security.client_rate_limiter(time.monotonic())
         if self.dispatcher.pressure:  # until it shows it sends protected work
             client.pause_for_backpressure(True)
         if self._commit_pressure:
@@ -160,7 +177,70 @@ class MQTTIngest:
         self._connections.dec()
 
     def on_connect(self, client: MQTTServerProtocol, request: ConnectRequest) -> None:
+        security = self.security
+        if security is None:
+            self._connect(client, request.packet)
+            return
         packet = request.packet
+        tls = security.tls
+        identity = tls.identity_of(client.peercert) if tls is not None else None
+        client_id = client.conn.client_id or ""
+        method = packet.properties.get("authentication_method")
+        auth = security.authenticator
+        result = auth.decide_now(packet.username, packet.password, client_id=client_id,
+                                 peer_cert_identity=identity, authentication_method=method)
+        if result is not None:
+            self._decide(client, packet, result)
+            return
+        # A password to hash (in a thread): read nothing more until it is decided.
+        client.pause_for_backpressure(True, reason="auth")
+
+        async def check() -> None:
+            decided = await auth.authenticate(
+                packet.username, packet.password, client_id=client_id,
+                peer_cert_identity=identity, authentication_method=method)
+            client.pause_for_backpressure(False, reason="auth")
+            if client.transport is None:
+                return  # gone meanwhile
+            self._decide(client, packet, decided)
+            client.connected()
+
+        task = asyncio.get_running_loop().create_task(check())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    def _decide(self, client: MQTTServerProtocol, packet: Connect, result: AuthResult) -> None:
+        if result.ok:
+            assert self.security is not None and result.identity is not None
+            client.acl = self.security.acl.bind(result.identity)
+            will = packet.will
+            if will is None or client.acl.can_publish(will.topic):
+                self._connect(client, packet)
+                return
+            result = AuthResult(ok=False, reason_code=NOT_AUTHORIZED,
+                                reason=f"will topic {will.topic!r} not allowed")
+        self._refused_connection(client, "not_authorized" if result.reason_code == NOT_AUTHORIZED
+                                 else "bad_credentials" if result.reason_code in (0x86, 0x8C)
+                                 else "server_busy")
+        log.warning("mqtt client %s (%r, user %r) refused: %s", client.peer,
+                    client.conn.client_id, packet.username, result.reason)
+        client.conn.refuse(result.reason_code)
+        client.close()
+
+    def _refused_connection(self, client: MQTTServerProtocol, reason: str) -> None:
+        self.metrics.mqtt_connections_refused.labels(reason).inc()
+
+    def reconfigure_security(self, security: Security) -> None:
+        """A reload: connected clients keep their identity under the new rules."""
+        self.security = security
+        for client in self.clients:
+            acl = client.acl
+            if acl is not None:
+                client.acl = security.acl.bind(acl.identity)
+            if client.limiter is not None or security.limits is not None:
+                client.limiter = security.client_rate_limiter(time.monotonic())
+
+    def _connect(self, client: MQTTServerProtocol, packet: Connect) -> None:
         if packet.protocol_level == MQTT5:
             expiry = packet.properties.get("session_expiry_interval", 0)
         else:  # MQTT 3.1.1: a persistent session lasts until the broker's limit
@@ -186,7 +266,9 @@ class MQTTIngest:
     def on_subscribe(self, client: MQTTServerProtocol, request: SubscribeRequest) -> None:
         packet = request.packet
         ids = packet.properties.get("subscription_identifier")
-        codes = self.broker.subscribe(client, packet.subscriptions, ids[0] if ids else None)
+        acl = client.acl
+        codes = self.broker.subscribe(client, packet.subscriptions, ids[0] if ids else None,
+                                      acl.can_subscribe if acl is not None else None)
         client.conn.suback(packet.packet_id, codes)
 
     def on_unsubscribe(self, client: MQTTServerProtocol, request: UnsubscribeRequest) -> None:
@@ -197,6 +279,13 @@ class MQTTIngest:
     # -- the hot path ----------------------------------------------------------------------
     def on_publish(self, client: MQTTServerProtocol, batch: list[Publish],
                    received_ns: int, received_at: float) -> None:
+        acl = client.acl
+        if acl is not None and acl.restricted:
+            batch = self._authorized(client, batch, acl)
+            if not batch:
+                return
+        if client.limiter is not None:
+            self._limit_rate(client, batch)
         cache = client.topic_cache
         deadlines = self._deadline_ns
         prefix = self._prefix
@@ -273,6 +362,39 @@ class MQTTIngest:
         of = Message.of
         for packet in publishes:
             publish(of(packet, received_at), origin)
+
+    def _authorized(self, client: MQTTServerProtocol, batch: list[Publish],
+                    acl: IdentityAcl) -> list[Publish]:
+        """The messages the client may publish. The others are refused: MQTT 5 with PUBACK or
+        PUBREC 0x87 (3.4.2.1); MQTT 3.1.1 cannot say no, so they are acknowledged and dropped
+        [MQTT-3.3.5-2]. Counted in ``iotgw_messages_refused_total{reason="not_authorized"}``."""
+        allowed = acl.can_publish
+        if all(allowed(p.topic) for p in batch):
+            return batch
+        kept = [p for p in batch if allowed(p.topic)]
+        denied = [p for p in batch if not allowed(p.topic)]
+        conn = client.conn
+        code = NOT_AUTHORIZED if conn.version == MQTT5 else SUCCESS
+        for publish in denied:
+            if publish.qos:
+                conn.ack(publish, code)
+        client.flush()
+        self.refused += len(denied)
+        self.metrics.messages_refused.labels("mqtt", "not_authorized").inc(len(denied))
+        log.warning("mqtt client %s (%r): %d messages to topics it may not publish to, "
+                    "e.g. %r, refused", client.peer, conn.client_id, len(denied),
+                    denied[0].topic)
+        return kept
+
+    def _limit_rate(self, client: MQTTServerProtocol, batch: list[Publish]) -> None:
+        """Past its messages/s or bytes/s: stop reading the client until it is back within
+        them (the TCP window pushes back; nothing is dropped)."""
+        now = time.monotonic()
+        wait = client.limiter.consume(len(batch), sum(len(p.payload) for p in batch), now)
+        if wait > 0:
+            client.pause_for_backpressure(True, reason="rate")
+            asyncio.get_running_loop().call_later(
+                wait, client.pause_for_backpressure, False, "rate")
 
     def enqueue(self, envelopes: list[Envelope]) -> None:
         """Hand classified envelopes to their lanes, in order."""
@@ -421,7 +543,12 @@ class MQTTIngest:
         cache = client.topic_cache
         if len(cache) >= self.settings.max_topic_cache:
             cache.clear()
-        plan = self.classifier.plan(client.conn.client_id or "", client.conn.username, topic)
+        acl = client.acl
+        if acl is not None:  # authenticated: a client certificate may name the device
+            identity = acl.identity
+            plan = self.classifier.plan(identity.device, identity.username, topic)
+        else:
+            plan = self.classifier.plan(client.conn.client_id or "", client.conn.username, topic)
         classes = ([plan.device_class] if isinstance(plan, Classification)
                    else [plan.base.device_class, *(c.device_class for _, c in plan.candidates)])
         detector = self.detector

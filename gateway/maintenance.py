@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +47,7 @@ from gateway.config import Config
 from gateway.dispatch import Dispatcher
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
+from gateway.statedir import write_atomically
 from policies.maintenance import (
     TASKS,
     Decision,
@@ -377,13 +377,9 @@ class Maintenance:
 
     def _write_state(self, data: bytes) -> None:
         assert self._state is not None
-        tmp = self._state.with_suffix(".tmp")
         try:
             self._state.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-            with open(tmp, "rb") as file:
-                os.fsync(file.fileno())
-            os.replace(tmp, self._state)
+            write_atomically(self._state, data, mode=0o644)
         except OSError as err:
             log.error("maintenance reservations not saved to %s: %s (they hold until the "
                       "next restart)", self._state, err)

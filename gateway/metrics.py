@@ -148,6 +148,11 @@ class Metrics:
             "Messages for subscribers not delivered: queue_full (a session's bound), "
             "too_large (over the client's maximum packet size), session_ended",
             ["reason"], registry=r)
+        self.mqtt_connections_refused = Counter(
+            "iotgw_mqtt_connections_refused",
+            "Connections refused: bad_credentials, not_authorized, server_busy (password "
+            "checks queued), connection_flood (too many from one address)",
+            ["reason"], registry=r)
         self.mqtt_sessions = Gauge(
             "iotgw_mqtt_sessions", "MQTT sessions kept (connected or not)", registry=r)
         self.mqtt_subscriptions = Gauge(

@@ -54,6 +54,8 @@ SCENARIO_CONFIG = """
 [gateway]
 node_id = "scenario"
 log_level = "WARNING"
+[auth]
+allow_anonymous = true
 [dispatch]
 batch_size = 256
 slots = 4

@@ -9,8 +9,10 @@ records to its own log (durably), then removes the old directory.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,22 +80,26 @@ def _try_lock(lock_path: Path) -> int | None:
     return fd
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never
-    a torn one: write a temporary file, fsync it, rename it over, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(path.name + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+
+def write_atomically(path: str | Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: a temp file in the same directory, fsynced, renamed
+    over it, then the directory fsynced, so a reader (or a crash) sees the old file or the
+    new one, never a mix; a failed write leaves no temp file. Raises OSError."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(directory)
+        os.fsync(dir_fd)  # the rename itself must survive a crash
     finally:
-        os.close(directory)
+        os.close(dir_fd)

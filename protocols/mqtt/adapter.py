@@ -75,6 +75,9 @@ class MQTTServerProtocol(asyncio.Protocol):
         # Owned by the application: its per-connection classification cache and filters.
         self.topic_cache: dict[str, Any] = {}
         self.session: Any = None  # the broker's session, once connected
+        self.acl: Any = None  # what this client may publish and subscribe to, once known
+        self.limiter: Any = None  # its rate limits, if any
+        self.peercert: dict[str, Any] | None = None  # a verified TLS client certificate
         self.commits_pending = 0  # group commits that hold this client's messages and acks
         self.sends_protected = False  # it sent work of a tier that is never shed
         self._paused_for: set[str] = set()  # why reading is paused: "writes", "slices", or
@@ -87,6 +90,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.transport.set_write_buffer_limits(high=self.write_high_water)
+        self.peercert = transport.get_extra_info("peercert")
         self.hooks.on_open(self)
         if self._paused_for:  # pause_reading() before reading starts is lost: pause again
             asyncio.get_running_loop().call_soon(self._repause)
@@ -163,6 +167,12 @@ class MQTTServerProtocol(asyncio.Protocol):
         if batch:
             hooks.on_publish(self, batch, received_ns, time.time())
         self.flush()
+
+    def connected(self) -> None:
+        """The application answered a CONNECT it decided on later (after a password check
+        in a thread): handle what the client sent behind it meanwhile."""
+        if self.transport is not None and not self.conn.closed:
+            self._handle(b"", time.monotonic_ns())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

@@ -13,7 +13,8 @@ TIER = '[[tiers]]\nname = "standard"\nmax_latency_ms = 100\n'
 def test_the_default_config_loads() -> None:
     config = load_config()
     assert config.tier_names == ["critical", "premium", "standard", "bulk"]
-    assert config.mqtt.listen == "0.0.0.0:1883"
+    # The built-in config lets anyone connect, so it listens on loopback only.
+    assert config.mqtt.listen == "127.0.0.1:1883" and config.auth.allow_anonymous
     assert config.admin.listen == "127.0.0.1:9883"
     assert default_config_path().name == "gateway.toml"
 
