@@ -403,7 +403,9 @@ async def test_an_isolated_stage_runs_in_a_worker_process(rig: Callable[..., Rig
 
 async def test_an_isolated_stage_past_its_timeout_is_retried_then_dead_lettered(
         rig: Callable[..., Rig]) -> None:
-    r = rig(isolated("sleepy", timeout=0.5).replace("OPTIONS", "seconds = 30.0"),
+    # 2 s: a worker process restarted after a timeout must answer a fast message within it
+    # even on a loaded machine (0.5 s was not always enough).
+    r = rig(isolated("sleepy", timeout=2.0).replace("OPTIONS", "seconds = 30.0"),
             attempts=2, initial=10)
     slow = message(slow=True)
     batch = [message(), slow, message()]
