@@ -966,9 +966,11 @@ class TokenBucket:
 class ClientRateLimiter:
     """One client's messages/s and bytes/s buckets."""
 
-    __slots__ = ("_bytes", "_messages")
+    __slots__ = ("_bytes", "_messages", "timer")
 
     def __init__(self, limits: LimitsSection, now: float) -> None:
+        self.timer: asyncio.TimerHandle | None = None
+        """The caller's pending resume of reading, if paused (one at a time)."""
         self._messages = None if limits.messages_per_s is None else TokenBucket(
             limits.messages_per_s, max(1.0, limits.messages_per_s * limits.burst_s), now)
         self._bytes = None if limits.bytes_per_s is None else TokenBucket(

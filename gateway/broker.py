@@ -126,7 +126,7 @@ class Session:
         self.client: MQTTServerProtocol | None = None
         self.version = MQTT_5
         self.subscriptions: dict[str, Subscription] = {}
-        self.queue: deque[Delivery] = deque()
+        self.queue: deque[Delivery] | None = None  # made when the first message waits
         self.inflight: dict[int, Delivery] = {}
         self.releases: list[int] = []
         self.expiry_s = 0
@@ -317,10 +317,10 @@ class Broker:
         if publish_will and session.will is not None:
             self._publish_will(session)
         session.will = None
-        lost = len(session.queue) + len(session.inflight)
+        lost = len(session.queue or ()) + len(session.inflight)
         if lost:
             self._count_dropped(session, lost, "session_ended")
-        session.queue.clear()
+        session.queue = None
         session.inflight.clear()
 
     def _publish_will(self, session: Session) -> None:
@@ -475,10 +475,13 @@ class Broker:
             self._enqueue(session, delivery)
 
     def _enqueue(self, session: Session, delivery: Delivery) -> None:
-        if len(session.queue) >= self.settings.max_queued:
+        queue = session.queue
+        if queue is None:
+            queue = session.queue = deque()
+        elif len(queue) >= self.settings.max_queued:
             self._count_dropped(session, 1, "queue_full")
             return
-        session.queue.append(delivery)
+        queue.append(delivery)
         self.changed = True
 
     def _count_dropped(self, session: Session, n: int, reason: str) -> None:
@@ -554,7 +557,8 @@ class Broker:
                 session.client_id, session.version, session.expiry_s,
                 session.expires_at if session.expires_at is not None
                 else now + session.expiry_s,
-                session.subscriptions, list(session.queue), list(session.inflight.values()),
+                session.subscriptions, list(session.queue or ()),
+                list(session.inflight.values()),
                 session.releases if session.client is None
                 else session.client.conn.awaiting_release(),
                 session.will, session.will_due))
@@ -580,7 +584,8 @@ class Broker:
                 group, inner = split_shared(topic_filter)
                 self._trie.add(inner, entry.client_id if group is None
                                else (group, entry.client_id), subscription)
-            session.queue.extend(entry.queue)
+            if entry.queue:
+                session.queue = deque(entry.queue)
             session.inflight = {d.packet_id: d for d in entry.inflight
                                 if d.packet_id is not None}
             session.releases = entry.releases

@@ -17,6 +17,7 @@ import click
 from gateway import __version__
 from gateway.audit import audit_group
 from gateway.auth import passwd_command
+from gateway.broker_bench import bench_broker_command
 from gateway.config import Config, load_config, split_host_port
 from gateway.errors import ConfigError, GatewayError
 
@@ -279,6 +280,7 @@ def bench(messages: int, connections: int, payload_size: int, qos_levels: str, p
 
 main.add_command(audit_group)
 main.add_command(passwd_command)
+main.add_command(bench_broker_command)
 
 if __name__ == "__main__":
     main()

@@ -389,11 +389,13 @@ class MQTTIngest:
     def _limit_rate(self, client: MQTTServerProtocol, batch: list[Publish]) -> None:
         """Past its messages/s or bytes/s: stop reading the client until it is back within
         them (the TCP window pushes back; nothing is dropped)."""
-        now = time.monotonic()
-        wait = client.limiter.consume(len(batch), sum(len(p.payload) for p in batch), now)
+        limiter = client.limiter
+        wait = limiter.consume(len(batch), sum(len(p.payload) for p in batch), time.monotonic())
         if wait > 0:
             client.pause_for_backpressure(True, reason="rate")
-            asyncio.get_running_loop().call_later(
+            if limiter.timer is not None:  # one resume, when all the debt is paid
+                limiter.timer.cancel()
+            limiter.timer = asyncio.get_running_loop().call_later(
                 wait, client.pause_for_backpressure, False, "rate")
 
     def enqueue(self, envelopes: list[Envelope]) -> None:

@@ -63,6 +63,24 @@ _NO_SLICES = (b"", 0, 0)
 
 
 class MQTTServerProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_paused_for",
+        "_slices",
+        "acl",
+        "commits_pending",
+        "conn",
+        "hooks",
+        "limiter",
+        "opened",
+        "peer",
+        "peercert",
+        "sends_protected",
+        "session",
+        "topic_cache",
+        "transport",
+        "write_high_water",
+    )
+
     def __init__(
         self, hooks: MQTTHooks, codec_options: dict[str, Any], write_high_water: int
     ) -> None:
@@ -80,7 +98,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.peercert: dict[str, Any] | None = None  # a verified TLS client certificate
         self.commits_pending = 0  # group commits that hold this client's messages and acks
         self.sends_protected = False  # it sent work of a tier that is never shed
-        self._paused_for: set[str] = set()  # why reading is paused: "writes", "slices", or
+        self._paused_for: set[str] | None = None  # why reading is paused: "writes", "slices", or
         # the app's reasons
         self._slices: tuple[bytes, int, int] = _NO_SLICES  # (read, next offset, received_ns)
 
@@ -210,10 +228,12 @@ class MQTTServerProtocol(asyncio.Protocol):
     def _pause(self, reason: str) -> None:
         if not self._paused_for and self.transport is not None:
             self.transport.pause_reading()
+        if self._paused_for is None:
+            self._paused_for = set()
         self._paused_for.add(reason)
 
     def _resume(self, reason: str) -> None:
-        if reason not in self._paused_for:
+        if self._paused_for is None or reason not in self._paused_for:
             return
         self._paused_for.discard(reason)
         if not self._paused_for and self.transport is not None:

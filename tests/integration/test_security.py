@@ -286,26 +286,26 @@ def limited(tmp_path: Path, limits: str) -> RunningGateway:
     return start_gateway(config_text(tmp_path) + f"[auth.limits]\n{limits}\n")
 
 
-def test_a_client_over_its_message_rate_is_slowed_not_dropped(tmp_path: Path) -> None:
-    """Per-client messages/s: enforced by pausing reads (TCP pushes back); every message
-    still arrives."""
-    gw = limited(tmp_path, "messages_per_s = 200\nburst_s = 0.5")
+def test_a_client_over_its_byte_rate_is_slowed_not_dropped(tmp_path: Path) -> None:
+    """Per-client bytes/s: enforced by pausing reads (TCP pushes back); every message still
+    arrives. A read that passes the limit is taken whole and the pause comes after it, so
+    the bound holds over time, not within one read."""
+    gw = limited(tmp_path, "bytes_per_s = 1_000_000\nburst_s = 0.25")
     try:
         sub = Client(gw.mqtt_port, "rate-sub")
         sub.subscribe("rate/#", 0)
         pub = Client(gw.mqtt_port, "rate-pub")
+        payload = b"x" * 1000
         started = time.monotonic()
-        for i in range(600):  # about 1,000/s: five times the limit
-            pub.paho.publish("rate/t", b"%d" % i, qos=0)
-            time.sleep(0.001)
-        deadline = time.monotonic() + 20
-        while len(sub.messages) < 600 and time.monotonic() < deadline:
+        for _ in range(3000):  # 3 MB as fast as paho sends: a fraction of a second unlimited
+            pub.paho.publish("rate/t", payload, qos=0)
+        deadline = time.monotonic() + 30
+        while len(sub.messages) < 3000 and time.monotonic() < deadline:
             time.sleep(0.05)
         elapsed = time.monotonic() - started
-        assert len(sub.messages) == 600
-        # Unlimited it takes the 0.6 s of sending. At 200/s after a burst of 100 the reads
-        # pause for 2.5 s in all, less what the last read brings after the last pause.
-        assert elapsed >= 1.5
+        assert len(sub.messages) == 3000
+        # 3 MB at 1 MB/s after a 0.25 MB burst: about 2.75 s, less the last read (<= 256 KB).
+        assert elapsed >= 2.0
         for c in (sub, pub):
             c.close()
     finally:
