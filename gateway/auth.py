@@ -529,8 +529,6 @@ class Authenticator:
             if self.allow_anonymous:
                 return self._accepted(None, client_id, None)
             return _refused(ReasonCode.NOT_AUTHORIZED, "anonymous access is not allowed")
-        if password is None:
-            return _refused(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "user name without password")
         if self._credentials is not None and self._clock() >= self._next_check:
             return None  # the file may have changed: ``authenticate`` re-reads it first
         if self._credentials is None:
@@ -542,6 +540,8 @@ class Authenticator:
                     username=username, client_id=client_id, tenant=self.default_tenant,
                     device=client_id))
             return _refused(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "no credentials file")
+        if password is None:
+            return _refused(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "user name without password")
         remembered = self._verified.get(username)
         if remembered is not None and hmac.compare_digest(
                 remembered, hmac.digest(self._key, password, "sha256")):
