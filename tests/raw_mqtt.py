@@ -25,10 +25,10 @@ def publish_frame(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0) 
 
 
 def connect_frame(client_id: str, keepalive: int = 60, version: int = 4,
-                  username: str | None = None) -> bytes:
-    """A CONNECT packet with a clean session (MQTT 5: no properties)."""
+                  username: str | None = None, clean: bool = True) -> bytes:
+    """A CONNECT packet, by default with a clean session (MQTT 5: no properties)."""
     cid = client_id.encode()
-    flags = 0x02 | (0x80 if username is not None else 0)
+    flags = (0x02 if clean else 0) | (0x80 if username is not None else 0)
     props = b"\x00" if version == 5 else b""
     body = (b"\x00\x04MQTT" + bytes([version, flags]) + struct.pack("!H", keepalive) + props
             + struct.pack("!H", len(cid)) + cid)

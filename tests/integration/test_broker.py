@@ -10,6 +10,7 @@ import json
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -25,6 +26,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from tests.conftest import RunningGateway, config_text, start_serve
+from tests.raw_mqtt import connect_frame, publish_frame
 
 pytestmark = pytest.mark.integration
 
@@ -621,3 +623,27 @@ def test_processed_results_can_be_subscribed_to(gateway_factory: Any) -> None:
     assert record["data"] == {"heart_rate": 70} and record["tier"] == "critical"
     for c in (operator, device):
         c.close()
+
+
+def test_inbound_qos2_is_not_delivered_twice_across_a_reconnect(clients: Make,
+                                                                gateway: RunningGateway) -> None:
+    """3.1.1 [MQTT-4.3.3-2], 5.0 4.3.3: until the PUBREL, a PUBLISH resent with the same
+    packet identifier is answered with PUBREC and not delivered again, here after the client
+    reconnected to its session ([MQTT-4.4.0-1]); the PUBREL then completes it."""
+    sub = clients("exactly-sub")
+    sub.subscribe("once/#", 2)
+    frame = publish_frame("once/x", b"only once", qos=2, packet_id=7)
+    with socket.create_connection(("127.0.0.1", gateway.mqtt_port), timeout=5) as s:
+        s.sendall(connect_frame("exactly-pub", clean=False))
+        assert s.recv(4)[:1] == b"\x20"
+        s.sendall(frame)
+        assert s.recv(4) == b"\x50\x02\x00\x07"  # PUBREC 7; no PUBREL: the link drops
+    assert sub.receive()[0].payload == b"only once"
+    with socket.create_connection(("127.0.0.1", gateway.mqtt_port), timeout=5) as s:
+        s.sendall(connect_frame("exactly-pub", clean=False))
+        assert s.recv(4) == b"\x20\x02\x01\x00"  # session present
+        s.sendall(bytes([frame[0] | 0x08]) + frame[1:])  # the same PUBLISH, DUP set
+        assert s.recv(4) == b"\x50\x02\x00\x07"
+        s.sendall(b"\x62\x02\x00\x07")  # PUBREL
+        assert s.recv(4) == b"\x70\x02\x00\x07"  # PUBCOMP
+    assert sub.nothing_more()
