@@ -224,7 +224,7 @@ class MQTTIngest:
                                  else "server_busy")
         log.warning("mqtt client %s (%r, user %r) refused: %s", client.peer,
                     client.conn.client_id, packet.username, result.reason)
-        client.conn.refuse(result.reason_code)
+        client.conn.refuse(result.reason_code, reason_string=result.reason or None)
         client.close()
 
     def _refused_connection(self, client: MQTTServerProtocol, reason: str) -> None:

@@ -647,3 +647,43 @@ def test_inbound_qos2_is_not_delivered_twice_across_a_reconnect(clients: Make,
         s.sendall(b"\x62\x02\x00\x07")  # PUBREL
         assert s.recv(4) == b"\x70\x02\x00\x07"  # PUBCOMP
     assert sub.nothing_more()
+
+
+def test_session_expiry_ends_an_offline_session(clients: Make) -> None:
+    """5.0 [MQTT-3.1.2-23]: the session ends when the expiry interval has passed since the
+    connection closed; its subscriptions and queued messages go with it."""
+    short = clients("short-lived", clean=False, expiry=1)
+    short.subscribe("brief/#", 1)
+    short.close()
+    time.sleep(1.6)
+    clients("brief-pub").publish("brief/1", b"too late", qos=1)
+    back = clients("short-lived", clean=False, expiry=1)
+    assert back.session_present is False
+    assert back.nothing_more()
+
+
+def test_server_keepalive_and_assigned_client_identifier(gateway_factory: Any) -> None:
+    """5.0 [MQTT-3.2.2-21] the client uses the Server Keep Alive it is told; 3.2.2.3.7 a
+    client that sent an empty client id is told the one assigned to it."""
+    from tests.conftest import DEFAULT_TOML
+
+    base = DEFAULT_TOML.replace("max_keepalive = 0 ", "max_keepalive = 20 ")
+    assert base != DEFAULT_TOML
+    gw = gateway_factory("", base)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=paho.MQTTv5)
+    got: dict[str, Any] = {}
+    done = threading.Event()
+
+    def on_connect(c: Any, u: Any, flags: Any, reason: Any, props: Any) -> None:
+        got["props"] = props
+        done.set()
+
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", gw.mqtt_port, keepalive=0)
+    client.loop_start()
+    assert done.wait(WAIT_S)
+    assigned = got["props"].AssignedClientIdentifier
+    assert assigned and isinstance(assigned, str)
+    assert got["props"].ServerKeepAlive == 20  # asked for 0 (none): told to use 20
+    client.loop_stop()
+    client.disconnect()
