@@ -184,6 +184,8 @@ class Broker:
         self.retained: RetainedTree[Message] = RetainedTree()
         self._trie: SubscriptionTrie[str | tuple[str, str], Subscription] = SubscriptionTrie()
         self._turn: itertools.count[int] = itertools.count()
+        self._watchers: SubscriptionTrie[int, Callable[[Message], None]] = SubscriptionTrie()
+        self._watch_ids: itertools.count[int] = itertools.count()
         self._dirty: set[MQTTServerProtocol] = set()
         self._flush_scheduled = False
         self.changed = False
@@ -197,7 +199,20 @@ class Broker:
     @property
     def subscribed(self) -> bool:
         """Whether anyone subscribes to anything (else routing is skipped)."""
-        return len(self._trie) > 0
+        return len(self._trie) > 0 or len(self._watchers) > 0
+
+    def watch(self, topic_filter: str, callback: Callable[[Message], None]
+              ) -> Callable[[], None]:
+        """Call ``callback`` with every message published to a topic ``topic_filter``
+        matches (inside the gateway: CoAP observers of a device's commands, say); returns
+        the function that stops it. ValueError for an invalid filter."""
+        key = next(self._watch_ids)
+        self._watchers.add(topic_filter, key, callback)
+
+        def stop() -> None:
+            self._watchers.remove(topic_filter, key)
+
+        return stop
 
     # -- connections -------------------------------------------------------------------
     def connect(self, client: MQTTServerProtocol, clean_start: bool, expiry_s: int,
@@ -405,6 +420,9 @@ class Broker:
                 self.retained.set(message.topic, message)
             else:  # an empty retained message clears the topic [MQTT-3.3.1-10, -11]
                 self.retained.delete(message.topic)
+        if self._watchers:
+            for _, callback, _ in self._watchers.match(message.topic):
+                callback(message)
         matches = self._trie.match(message.topic)
         if not matches:
             return 0

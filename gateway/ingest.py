@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Callable, Collection
 from itertools import count
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -57,6 +57,7 @@ QUOTA_EXCEEDED = 0x97
 NOT_AUTHORIZED = 0x87
 UNSPECIFIED_ERROR = 0x80
 MQTT5 = 5
+MAX_PROTOCOL_PLANS = 100_000
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2, "emergency": 3}
 
 
@@ -78,6 +79,19 @@ def _base36(n: int) -> str:
     return out or "0"
 
 
+class Inbound(NamedTuple):
+    """One message from a protocol other than MQTT (CoAP, AMQP), for ``MQTTIngest.submit``."""
+
+    device: str
+    topic: str
+    """The topic it is classified and routed by (MQTT subscribers see it under this name)."""
+    payload: bytes
+    qos: int = 0
+    """0: taken as it comes; 1 or more: made durable before ``done(True)`` (the caller then
+    acknowledges: CoAP 2.04, AMQP ack)."""
+    username: str | None = None
+
+
 class Durability(Protocol):
     """What ingest needs from the write-ahead log (``gateway.wal.WriteAheadLog``)."""
 
@@ -97,6 +111,9 @@ class MQTTIngest:
                  max_uncommitted: int = 50_000,
                  audit: Callable[..., None] | None = None,
                  broker: Broker | None = None) -> None:
+        # Classification of other protocols' messages, by (device, username, topic).
+        self._plans: dict[tuple[str, str | None, str],
+                          tuple[Classification | PayloadRules, bool]] = {}
         self.dispatcher = dispatcher
         self.broker = broker or Broker(metrics=metrics)
         self.metrics = metrics
@@ -140,6 +157,7 @@ class MQTTIngest:
         self._rank = {t.name: i for i, t in enumerate(tiers)}
         self._sheddable = frozenset(t.name for t in tiers if t.shed_qos0)
         self._shed_above = dispatch.shed_above
+        self._plans.clear()  # other protocols' classifications: rebuilt as messages come
         for client in self.clients:
             cache = client.topic_cache
             if forget is None:
@@ -398,6 +416,92 @@ class MQTTIngest:
             limiter.timer = asyncio.get_running_loop().call_later(
                 wait, client.pause_for_backpressure, False, "rate")
 
+    # -- other protocols ------------------------------------------------------------------
+    def submit(self, protocol: str, items: list[Inbound],
+               done: Callable[[bool], None] | None = None) -> bool:
+        """Take messages from a protocol other than MQTT: classified, triaged, made durable
+        (QoS >= 1), queued and routed to MQTT subscribers like any PUBLISH.
+
+        Returns False, taking nothing, when the gateway refuses work now (draining, the
+        write-ahead log refusing, or the backlog past ``dispatch.max_queued``): the caller
+        says "later" (CoAP 5.03 with Max-Age, AMQP nack with requeue). Otherwise ``done``
+        is called once: True when the durable ones are on disk (at once if there are none),
+        False if the commit failed, in which case nothing of ``items`` was taken."""
+        if not self.accepting or self.dispatcher.pressure:
+            return False
+        wal = self.wal
+        durable_wanted = any(item.qos for item in items)
+        if durable_wanted and wal is not None and wal.refusing:
+            return False
+        plans = self._plans
+        deadlines = self._deadline_ns
+        prefix, sequence = self._prefix, self._sequence
+        received_ns, received_at = time.monotonic_ns(), time.time()
+        envelopes: list[Envelope] = []
+        for item in items:
+            key = (item.device, item.username, item.topic)
+            entry = plans.get(key)
+            if entry is None:
+                if len(plans) >= MAX_PROTOCOL_PLANS:
+                    plans.clear()
+                entry = plans[key] = self._plan(item.device, item.username, item.topic)
+            plan, triage = entry
+            data: dict[str, Any] | None = None
+            if type(plan) is Classification:
+                c = plan
+            else:
+                data = self._decode_object(item.payload)
+                c = plan.resolve(data)  # type: ignore[union-attr]
+            envelope = Envelope(
+                prefix + str(next(sequence)), c.device, c.tenant, c.tier, c.region, item.topic,
+                item.payload, received_ns, received_at, protocol, item.qos, c.device_class,
+                received_ns + deadlines[c.tier])
+            if data is not None:
+                envelope.data = data
+            if triage:
+                self._triage(envelope)
+            envelopes.append(envelope)
+        self.received += len(envelopes)
+        self.metrics.messages_received.labels(protocol).inc(len(envelopes))
+        durable = [e for e in envelopes if e.qos]
+
+        def deliver() -> None:
+            self.enqueue(envelopes)
+            if self.broker.subscribed:
+                publish = self.broker.publish
+                for item in items:
+                    publish(Message(item.topic, item.payload, min(item.qos, 2)))
+
+        if wal is None or not durable:
+            deliver()
+            if done is not None:
+                done(True)
+            return True
+
+        def committed(error: OSError | None) -> None:
+            self.uncommitted -= len(envelopes)
+            if error is not None:
+                log.error("write-ahead log commit failed (%s): %d %s messages not taken",
+                          error, len(durable), protocol)
+                if done is not None:
+                    done(False)
+                return
+            deliver()
+            if done is not None:
+                done(True)
+
+        self.uncommitted += len(envelopes)
+        wal.append(durable, committed)
+        return True
+
+    def _plan(self, device: str, username: str | None, topic: str
+              ) -> tuple[Classification | PayloadRules, bool]:
+        plan = self.classifier.plan(device, username, topic)
+        classes = ([plan.device_class] if isinstance(plan, Classification)
+                   else [plan.base.device_class, *(c.device_class for _, c in plan.candidates)])
+        detector = self.detector
+        return plan, detector is not None and any(detector.applies(dc, topic) for dc in classes)
+
     def enqueue(self, envelopes: list[Envelope]) -> None:
         """Hand classified envelopes to their lanes, in order."""
         if not envelopes:
@@ -548,14 +652,10 @@ class MQTTIngest:
         acl = client.acl
         if acl is not None:  # authenticated: a client certificate may name the device
             identity = acl.identity
-            plan = self.classifier.plan(identity.device, identity.username, topic)
+            entry = self._plan(identity.device, identity.username, topic)
         else:
-            plan = self.classifier.plan(client.conn.client_id or "", client.conn.username, topic)
-        classes = ([plan.device_class] if isinstance(plan, Classification)
-                   else [plan.base.device_class, *(c.device_class for _, c in plan.candidates)])
-        detector = self.detector
-        triage = detector is not None and any(detector.applies(dc, topic) for dc in classes)
-        entry = cache[topic] = (plan, triage)
+            entry = self._plan(client.conn.client_id or "", client.conn.username, topic)
+        cache[topic] = entry
         return entry
 
     def _decode_object(self, payload: bytes) -> dict[str, Any] | None:
