@@ -9,6 +9,9 @@ the operating system; ``close()`` flushes and releases everything. A sink never 
 I/O failure: it logs at ERROR, counts ``iotgw_sink_errors_total{sink}`` and keeps what it
 could not write, to retry on the next flush.
 
+The ``parquet`` sink (``gateway.parquet_sink``) writes the same layout as Parquet files; it needs
+the extra ``iot-gateway[parquet]``, whose pyarrow is imported only when such a sink is built.
+
 Sink types are registered by name in ``SINKS`` (built-ins plus the entry-point group
 ``iot_gateway.sinks``); each has an ``Options`` Struct, decoded from ``[sinks.<name>.options]``.
 
@@ -56,6 +59,7 @@ from gateway.config import Config
 from gateway.envelope import Envelope
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
+from gateway.parquet_sink import ParquetSink  # pyarrow: imported when one is built
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +290,7 @@ class JsonLinesSink:
             if data is None:
                 try:
                     data = decode(env.payload)
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, UnicodeDecodeError):  # "\xff" is JSON, not UTF-8
                     data = env.payload  # bytes: the encoder writes base64
                     encoding = "base64"
             current.append(record(
@@ -562,7 +566,7 @@ class MQTTSink:
 # Registry and construction
 
 BUILTIN_SINKS: dict[str, SinkFactory] = {"null": NullSink, "jsonl": JsonLinesSink,
-                                          "mqtt": MQTTSink}
+                                          "mqtt": MQTTSink, "parquet": ParquetSink}
 
 SINKS: dict[str, SinkFactory]
 BROKEN_SINKS: dict[str, str]

@@ -76,7 +76,7 @@ class DecodeStage:
             if env.data is None:
                 try:
                     env.data = decode(env.payload)
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, UnicodeDecodeError):
                     if failed is None:
                         failed = []
                     failed.append(env)

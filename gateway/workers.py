@@ -773,7 +773,7 @@ class Workers:
         payload: Any
         try:
             payload, encoding = self._decode(env.payload), "json"
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             payload, encoding = bytes(env.payload), "base64"
         letter = _DeadLetter(
             env.id, env.device, env.tenant, env.tier, env.topic, _stamp(env.received_at),

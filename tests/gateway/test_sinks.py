@@ -368,7 +368,8 @@ type = "null"
 
 
 @pytest.mark.parametrize(("table", "error"), [
-    ('type = "kafka"', r"^sinks\.lake\.type: unknown sink 'kafka' \(known: jsonl, mqtt, null\)$"),
+    ('type = "kafka"',
+     r"^sinks\.lake\.type: unknown sink 'kafka' \(known: jsonl, mqtt, null, parquet\)$"),
     ('type = "jsonl"\noptions = { max_file_bytes = 0 }',
      r"^sinks\.lake\.options\.max_file_bytes: expected int >= 1$"),
     ('type = "jsonl"\noptions = { dri = "x" }', r"^sinks\.lake\.options\.dri: unknown field$"),
@@ -449,3 +450,13 @@ def test_mqtt_sink_template_errors_and_invalid_topics(caplog: pytest.LogCaptureF
     assert sample(metrics, "iotgw_sink_errors_total", {"sink": "out"}) == 2
     assert caplog.text.count("is not a valid topic name") == 1
     assert sample(metrics, "iotgw_sink_records_total", {"sink": "out"}) == 1
+
+
+async def test_a_json_string_that_is_not_utf8_is_kept_as_base64(tmp_path: Path) -> None:
+    # b'"\xff"' is JSON syntax but not UTF-8: msgspec raises UnicodeDecodeError for it.
+    sink = lake(tmp_path)
+    sink.write([env(1, payload=b'"\xff"')])
+    await sink.close()
+    [record] = lines(next((tmp_path / "lake").rglob("*.jsonl")))
+    assert record["payload_encoding"] == "base64"
+    assert base64.b64decode(record["payload"]) == b'"\xff"'
