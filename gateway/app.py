@@ -61,6 +61,7 @@ from gateway.workers import Workers
 from policies.alerts import Alerter
 from policies.anomaly import AnomalyDetector
 from policies.tasks import TaskContext
+from protocols.amqp.service import AmqpHandle, start_amqp, with_amqp
 from protocols.mqtt.adapter import MQTTServerProtocol
 
 log = logging.getLogger("iotgw")
@@ -76,7 +77,7 @@ ADOPT_INTERVAL_S = 5.0  # how often to look for the logs of daemons that have ex
 
 # Settings a reload cannot change: they need a restart (a side-by-side upgrade does it).
 RESTART_ONLY = ("mqtt.listen", "admin.listen", "gateway.node_id", "gateway.state_dir",
-                "wal", "audit")
+                "wal", "audit", "amqp")
 
 
 @dataclass
@@ -102,8 +103,10 @@ def config_digest(config: Config) -> str:
 class Gateway:
     def __init__(self, config: Config, *, config_path: str | Path | None = None,
                  mqtt_listen: str | None = None, admin_listen: str | None = None,
-                 shutdown_timeout: float = 10.0) -> None:
-        self.config = config
+                 shutdown_timeout: float = 10.0, amqp_url: str | None = None) -> None:
+        self.amqp_url = amqp_url  # --amqp-url: kept across reloads
+        self.amqp: AmqpHandle | None = None
+        self.config = config = with_amqp(config, amqp_url)
         self.config_path = config_path
         self.mqtt_listen = mqtt_listen or config.mqtt.listen
         self.admin_listen = admin_listen or config.admin.listen
@@ -118,6 +121,7 @@ class Gateway:
         self._stop_reason = ""
         self._unwind: list[Callable[[], Any]] = []
         self._finished_seqs: list[int] = []
+        self._failing_sinks: set[str] = set()  # logged once while they fail
         self._audit_backlog: list[tuple[str, dict[str, Any]]] = []
         self._reloading: asyncio.Task[bool] | None = None
         self._mqtt_server: asyncio.AbstractServer | None = None
@@ -224,6 +228,8 @@ class Gateway:
 
     def _publish_alert(self, topic: str, payload: bytes) -> None:
         self.ingest.publish_local(topic, payload)
+        if self.amqp is not None:
+            self.amqp.publish_alert(topic, payload)
 
     def _export_queue_depth(self) -> None:
         for lane in self.dispatcher.lanes:
@@ -274,6 +280,10 @@ class Gateway:
             await self._adopt_orphans()  # before any new traffic
         self.broker_store.load()
         await self._listen()
+        if self.config.amqp.url is not None:  # connects in the background, reconnects
+            self.amqp = await start_amqp(self.config.amqp, self.ingest, self.metrics,
+                                         name=f"iot-gateway {self.config.gateway.node_id}")
+            self._unwind.append(self.amqp.close)
         self._unwind.append(asyncio.create_task(self._housekeep()).cancel)
         self._unwind.append(asyncio.create_task(self._measure_loop_lag()).cancel)
         # What start-up built (config, registry, pipelines) lives as long as the process:
@@ -420,6 +430,8 @@ class Gateway:
             if server is not None:
                 server.close()
         self.ingest.accepting = False
+        if self.amqp is not None:  # in-flight deliveries are acked, the rest requeued
+            await self.amqp.stop_consuming()
         for client in list(self.ingest.clients):
             client.close(SERVER_SHUTTING_DOWN)
         deadline = time.monotonic() + self.shutdown_timeout
@@ -471,7 +483,7 @@ class Gateway:
         """Validate and build the whole new config, then swap it in; or keep the old one."""
         systemd.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            new = load_config(self.config_path)
+            new = with_amqp(load_config(self.config_path), self.amqp_url)
             _check_reloadable(self.config, new)
             parts = self._build(new)
         except GatewayError as err:  # ConfigError included
@@ -527,9 +539,20 @@ class Gateway:
             else:
                 try:
                     await sink.flush()
+                except GatewayError as err:  # a sink's peer is away (AMQP): it says why
+                    if name not in self._failing_sinks:
+                        log.warning("sink %s cannot flush: %s; its records stay in the "
+                                    "write-ahead log until it can", name, err)
+                    self._failing_sinks.add(name)
+                    ok = False
+                    continue
                 except Exception:
                     log.exception("sink %s failed to flush", name)
                     ok = False
+                    continue
+                if name in self._failing_sinks:
+                    self._failing_sinks.discard(name)
+                    log.info("sink %s flushes again", name)
         if self.wal is None:
             return
         if ok:

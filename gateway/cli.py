@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from gateway import __version__
+from gateway.amqp_bench import bench_amqp_command
 from gateway.audit import audit_group
 from gateway.auth import passwd_command
 from gateway.broker_bench import bench_broker_command
@@ -58,8 +59,12 @@ def main() -> None:
               help="Overrides gateway.log_level.")
 @click.option("--shutdown-timeout", type=float, default=10.0, show_default=True,
               help="Seconds to drain queued work on SIGTERM.")
+@click.option("--amqp-url", metavar="URL",
+              help="Turn AMQP on (RabbitMQ, amqp://user:password@host:port/vhost): consume "
+                   "the [amqp] queues (default iotgw.ingest), publish processed results to "
+                   "iotgw.processed and alerts to iotgw.alerts; overrides amqp.url.")
 def serve(config_path: Path | None, mqtt_listen: str | None, admin_listen: str | None,
-          log_level: str | None, shutdown_timeout: float) -> None:
+          log_level: str | None, shutdown_timeout: float, amqp_url: str | None) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
     import uvloop
 
@@ -69,7 +74,8 @@ def serve(config_path: Path | None, mqtt_listen: str | None, admin_listen: str |
     _setup_logging(log_level or config.gateway.log_level)
     try:
         gateway = Gateway(config, config_path=config_path, mqtt_listen=mqtt_listen,
-                          admin_listen=admin_listen, shutdown_timeout=shutdown_timeout)
+                          admin_listen=admin_listen, shutdown_timeout=shutdown_timeout,
+                          amqp_url=amqp_url)
         uvloop.run(gateway.run())
     except ConfigError as err:
         where = config_path or "built-in config"
@@ -281,6 +287,7 @@ def bench(messages: int, connections: int, payload_size: int, qos_levels: str, p
 main.add_command(audit_group)
 main.add_command(passwd_command)
 main.add_command(bench_broker_command)
+main.add_command(bench_amqp_command)
 
 if __name__ == "__main__":
     main()

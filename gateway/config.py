@@ -18,6 +18,8 @@ from gateway.auth import AuthSection
 from gateway.errors import ConfigError
 from policies.anomaly import AnomalySection
 from policies.maintenance import MaintenanceSection
+from protocols.amqp.config import AmqpSection
+from protocols.amqp.config import check_tiers as check_amqp_tiers
 from protocols.mqtt.topics import compile_topic_filter
 
 # The dispatcher lanes ahead of every tier, for messages triage found anomalous: one per
@@ -243,6 +245,7 @@ class Config(_Base, frozen=True):
     retry: RetrySection = RetrySection()
     anomaly: AnomalySection = AnomalySection()
     maintenance: MaintenanceSection = MaintenanceSection()
+    amqp: AmqpSection = AmqpSection()
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -265,6 +268,7 @@ class Config(_Base, frozen=True):
             for t in p.tiers or ():
                 if t not in names:
                     raise ValueError(f"pipelines[{i}].tiers: unknown tier {t!r}")
+        check_amqp_tiers(self.amqp, names)
 
     @property
     def tier_names(self) -> list[str]:

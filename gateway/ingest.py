@@ -90,6 +90,9 @@ class Inbound(NamedTuple):
     """0: taken as it comes; 1 or more: made durable before ``done(True)`` (the caller then
     acknowledges: CoAP 2.04, AMQP ack)."""
     username: str | None = None
+    tier: str | None = None
+    """A tier the protocol asks for (AMQP: the ``tier`` header or ``amqp.priority_tiers``);
+    it replaces the classification's tier. None, or a tier this config lacks: ignored."""
 
 
 class Durability(Protocol):
@@ -452,6 +455,9 @@ class MQTTIngest:
             else:
                 data = self._decode_object(item.payload)
                 c = plan.resolve(data)  # type: ignore[union-attr]
+            tier = item.tier
+            if tier is not None and tier != c.tier and tier in deadlines:
+                c = c._replace(tier=tier)
             envelope = Envelope(
                 prefix + str(next(sequence)), c.device, c.tenant, c.tier, c.region, item.topic,
                 item.payload, received_ns, received_at, protocol, item.qos, c.device_class,

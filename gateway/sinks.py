@@ -60,6 +60,7 @@ from gateway.envelope import Envelope
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.parquet_sink import ParquetSink  # pyarrow: imported when one is built
+from protocols.amqp.sink import AmqpSink
 
 log = logging.getLogger(__name__)
 
@@ -566,7 +567,8 @@ class MQTTSink:
 # Registry and construction
 
 BUILTIN_SINKS: dict[str, SinkFactory] = {"null": NullSink, "jsonl": JsonLinesSink,
-                                          "mqtt": MQTTSink, "parquet": ParquetSink}
+                                          "mqtt": MQTTSink, "parquet": ParquetSink,
+                                          "amqp": AmqpSink}
 
 SINKS: dict[str, SinkFactory]
 BROKEN_SINKS: dict[str, str]

@@ -369,7 +369,7 @@ type = "null"
 
 @pytest.mark.parametrize(("table", "error"), [
     ('type = "kafka"',
-     r"^sinks\.lake\.type: unknown sink 'kafka' \(known: jsonl, mqtt, null, parquet\)$"),
+     r"^sinks\.lake\.type: unknown sink 'kafka' \(known: amqp, jsonl, mqtt, null, parquet\)$"),
     ('type = "jsonl"\noptions = { max_file_bytes = 0 }',
      r"^sinks\.lake\.options\.max_file_bytes: expected int >= 1$"),
     ('type = "jsonl"\noptions = { dri = "x" }', r"^sinks\.lake\.options\.dri: unknown field$"),
