@@ -62,6 +62,7 @@ from policies.alerts import Alerter
 from policies.anomaly import AnomalyDetector
 from policies.tasks import TaskContext
 from protocols.amqp.service import AmqpHandle, start_amqp, with_amqp
+from protocols.coap.server import CoapServer, start_coap
 from protocols.mqtt.adapter import MQTTServerProtocol
 
 log = logging.getLogger("iotgw")
@@ -77,7 +78,7 @@ ADOPT_INTERVAL_S = 5.0  # how often to look for the logs of daemons that have ex
 
 # Settings a reload cannot change: they need a restart (a side-by-side upgrade does it).
 RESTART_ONLY = ("mqtt.listen", "admin.listen", "gateway.node_id", "gateway.state_dir",
-                "wal", "audit", "amqp")
+                "wal", "audit", "amqp", "coap.listen", "coap.enabled")
 
 
 @dataclass
@@ -103,13 +104,17 @@ def config_digest(config: Config) -> str:
 class Gateway:
     def __init__(self, config: Config, *, config_path: str | Path | None = None,
                  mqtt_listen: str | None = None, admin_listen: str | None = None,
-                 shutdown_timeout: float = 10.0, amqp_url: str | None = None) -> None:
+                 shutdown_timeout: float = 10.0, amqp_url: str | None = None,
+                 coap_listen: str | None = None) -> None:
         self.amqp_url = amqp_url  # --amqp-url: kept across reloads
         self.amqp: AmqpHandle | None = None
         self.config = config = with_amqp(config, amqp_url)
         self.config_path = config_path
         self.mqtt_listen = mqtt_listen or config.mqtt.listen
         self.admin_listen = admin_listen or config.admin.listen
+        self.coap_listen = coap_listen or config.coap.listen
+        self._coap: CoapServer | None = None
+        self.coap_address: tuple[str, int] | None = None
         self.shutdown_timeout = shutdown_timeout
         self.metrics = Metrics()
         self.ready = False
@@ -290,10 +295,14 @@ class Gateway:
         # keep it out of the collector's full passes, which would otherwise walk all of it
         # while the loop waits.
         gc.freeze()
+        # Requests waiting a few ms for their group commit (CoAP, MQTT QoS 1) outlive young
+        # collections and set off full ones: 45 % of the loop's CPU under a CoAP flood went
+        # to the collector. Fewer, larger young collections: 245 → 182 µs per request.
+        gc.set_threshold(20_000, 20, 10)
         self.ready = True
         self._audit("start", version=__version__, config_sha256=config_digest(self.config),
                     mqtt=_address(self.mqtt_address), admin=_address(self.admin_address),
-                    pid=os.getpid())
+                    coap=_address(self.coap_address), pid=os.getpid())
         systemd.notify("READY=1", f"STATUS=serving MQTT on {_hostport(self.mqtt_address)}")
         log.info("iot-gateway %s node %s region %s: MQTT on %s, admin on http://%s",
                  __version__, self.config.gateway.node_id, self.config.gateway.region,
@@ -368,6 +377,12 @@ class Gateway:
             self._unwind.append(server.close)
             self.mqtt_tls_address = server.sockets[0].getsockname()[:2]
             log.info("MQTT over TLS on %s", _hostport(self.mqtt_tls_address))
+
+        if self.config.coap.enabled:
+            self._coap = await start_coap(self.config.coap, self.ingest, self.ingest.broker,
+                                          self.metrics, self.coap_listen)
+            self._unwind.append(self._coap.close)
+            self.coap_address = self._coap.address
 
         runner = web.AppRunner(make_app(self), access_log=None)
         await runner.setup()
@@ -506,6 +521,8 @@ class Gateway:
         self.ingest.configure(new.mqtt, new.tiers, new.dispatch, parts.classifier,
                               parts.detector)
         self.ingest.reconfigure_security(parts.security)
+        if self._coap is not None:
+            self._coap.reconfigure(new.coap)
         old_alerter, self.ingest.alerter = self.ingest.alerter, parts.alerter
         if old_alerter is not None:
             await old_alerter.close(ALERT_CLOSE_TIMEOUT_S)
@@ -639,6 +656,7 @@ class Gateway:
             "listeners": {
                 "mqtt": _address(self.mqtt_address),
                 "admin": _address(self.admin_address),
+                "coap": _address(self.coap_address),
             },
         }
 

@@ -272,7 +272,8 @@ async def _bench_gateway(workdir: Path, label: str, config_text: str,
     admin = f"http://127.0.0.1:{admin_port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
-         "--mqtt-listen", f"127.0.0.1:{mqtt_port}", "--admin-listen", f"127.0.0.1:{admin_port}"],
+         "--mqtt-listen", f"127.0.0.1:{mqtt_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
+         "--coap-listen", "127.0.0.1:0"],
         cwd=rundir)
     results = []
     try:

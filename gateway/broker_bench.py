@@ -285,7 +285,8 @@ async def _start(name: str, workdir: Path) -> Broker:
         admin = f"http://{HOST}:{admin_port}"
         proc = _spawn([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
                        "--mqtt-listen", f"{HOST}:{port}",
-                       "--admin-listen", f"{HOST}:{admin_port}"], log, rundir)
+                       "--admin-listen", f"{HOST}:{admin_port}", "--coap-listen", f"{HOST}:0"],
+                      log, rundir)
     elif name == "amqtt":
         proc = _spawn([sys.executable, "-c", AMQTT_MAIN, str(port)], log, rundir)
     else:

@@ -19,6 +19,7 @@ from gateway.amqp_bench import bench_amqp_command
 from gateway.audit import audit_group
 from gateway.auth import passwd_command
 from gateway.broker_bench import bench_broker_command
+from gateway.coap_bench import bench_coap_command
 from gateway.config import Config, load_config, split_host_port
 from gateway.errors import ConfigError, GatewayError
 
@@ -59,12 +60,15 @@ def main() -> None:
               help="Overrides gateway.log_level.")
 @click.option("--shutdown-timeout", type=float, default=10.0, show_default=True,
               help="Seconds to drain queued work on SIGTERM.")
+@click.option("--coap-listen", metavar="HOST:PORT",
+              help="CoAP UDP listener, overrides coap.listen (port 0: any free port).")
 @click.option("--amqp-url", metavar="URL",
               help="Turn AMQP on (RabbitMQ, amqp://user:password@host:port/vhost): consume "
                    "the [amqp] queues (default iotgw.ingest), publish processed results to "
                    "iotgw.processed and alerts to iotgw.alerts; overrides amqp.url.")
 def serve(config_path: Path | None, mqtt_listen: str | None, admin_listen: str | None,
-          log_level: str | None, shutdown_timeout: float, amqp_url: str | None) -> None:
+          log_level: str | None, shutdown_timeout: float, coap_listen: str | None,
+          amqp_url: str | None) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
     import uvloop
 
@@ -75,7 +79,7 @@ def serve(config_path: Path | None, mqtt_listen: str | None, admin_listen: str |
     try:
         gateway = Gateway(config, config_path=config_path, mqtt_listen=mqtt_listen,
                           admin_listen=admin_listen, shutdown_timeout=shutdown_timeout,
-                          amqp_url=amqp_url)
+                          amqp_url=amqp_url, coap_listen=coap_listen)
         uvloop.run(gateway.run())
     except ConfigError as err:
         where = config_path or "built-in config"
@@ -288,6 +292,7 @@ main.add_command(audit_group)
 main.add_command(passwd_command)
 main.add_command(bench_broker_command)
 main.add_command(bench_amqp_command)
+main.add_command(bench_coap_command)
 
 if __name__ == "__main__":
     main()

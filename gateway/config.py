@@ -20,6 +20,7 @@ from policies.anomaly import AnomalySection
 from policies.maintenance import MaintenanceSection
 from protocols.amqp.config import AmqpSection
 from protocols.amqp.config import check_tiers as check_amqp_tiers
+from protocols.coap.config import CoapSection
 from protocols.mqtt.topics import compile_topic_filter
 
 # The dispatcher lanes ahead of every tier, for messages triage found anomalous: one per
@@ -231,6 +232,7 @@ class Sink(_Base, frozen=True):
 class Config(_Base, frozen=True):
     gateway: GatewaySection = GatewaySection()
     mqtt: MQTTListener = MQTTListener()
+    coap: CoapSection = CoapSection()
     broker: BrokerSection = BrokerSection()
     auth: AuthSection = AuthSection()
     admin: AdminSection = AdminSection()

@@ -389,7 +389,8 @@ async def _scenario(workdir: Path, label: str, config: str, capacity: float | No
     admin = f"http://127.0.0.1:{admin_port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", "scenario.toml",
-         "--mqtt-listen", f"127.0.0.1:{mqtt_port}", "--admin-listen", f"127.0.0.1:{admin_port}"],
+         "--mqtt-listen", f"127.0.0.1:{mqtt_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
+         "--coap-listen", "127.0.0.1:0"],
         cwd=rundir)
     try:
         await _wait_port(admin_port, proc, "the gateway", 120.0)  # loads a 1M-device registry

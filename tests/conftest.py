@@ -52,7 +52,8 @@ def _no_daemon_left_behind() -> Iterator[None]:
 
 
 def start_serve(cwd: Path, *args: str, mqtt: str = "127.0.0.1:0") -> Serve:
-    proc = Serve([*CLI, "serve", "--mqtt-listen", mqtt, "--admin-listen", "127.0.0.1:0", *args],
+    proc = Serve([*CLI, "serve", "--mqtt-listen", mqtt, "--admin-listen", "127.0.0.1:0",
+                  "--coap-listen", "127.0.0.1:0", *args],
                  cwd=cwd, stderr=subprocess.PIPE, text=True)
     proc.log_lines = []
     _serving.append(proc)
@@ -151,6 +152,7 @@ def start_gateway(text: str) -> RunningGateway:
     def run() -> None:
         async def main() -> None:
             gateway = Gateway(config, mqtt_listen="127.0.0.1:0", admin_listen="127.0.0.1:0",
+                              coap_listen="127.0.0.1:0",
                               shutdown_timeout=5)
             box["gateway"], box["loop"] = gateway, asyncio.get_running_loop()
             try:

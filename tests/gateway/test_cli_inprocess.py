@@ -37,7 +37,8 @@ def test_serve_reports_a_taken_port_and_exits_1() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = CliRunner().invoke(main, ["serve", "--mqtt-listen", f"127.0.0.1:{port}",
-                                           "--admin-listen", "127.0.0.1:0"])
+                                           "--admin-listen", "127.0.0.1:0",
+                                           "--coap-listen", "127.0.0.1:0"])
     assert result.exit_code == 1
     assert "address already in use" in result.output
 
@@ -48,7 +49,8 @@ def test_serve_reports_a_taken_admin_port_and_exits_1() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = CliRunner().invoke(main, ["serve", "--mqtt-listen", "127.0.0.1:0",
-                                           "--admin-listen", f"127.0.0.1:{port}"])
+                                           "--admin-listen", f"127.0.0.1:{port}",
+                                           "--coap-listen", "127.0.0.1:0"])
     assert result.exit_code == 1
     assert "admin HTTP" in result.output
 

@@ -37,7 +37,7 @@ def test_serve_refuses_clearly_when_the_port_is_taken(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run([*CLI, "serve", "--mqtt-listen", f"127.0.0.1:{port}",
-                                 "--admin-listen", "127.0.0.1:0"],
+                                 "--admin-listen", "127.0.0.1:0", "--coap-listen", "127.0.0.1:0"],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=20)
     assert result.returncode == 1
     assert f"cannot listen for MQTT on 127.0.0.1:{port}: address already in use" in result.stderr

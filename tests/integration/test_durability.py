@@ -214,7 +214,8 @@ def test_unusable_state_directory_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "state").write_text("not a directory")
     result = subprocess.run([*CLI, "serve", "--mqtt-listen", "127.0.0.1:0",
-                             "--admin-listen", "127.0.0.1:0"], cwd=tmp_path,
+                             "--admin-listen", "127.0.0.1:0", "--coap-listen", "127.0.0.1:0"],
+                            cwd=tmp_path,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "state directory" in result.stderr and "data/state" in result.stderr
@@ -339,7 +340,8 @@ def test_systemd_notifications_from_a_real_daemon(tmp_path: Path) -> None:
         notify.settimeout(10)
         env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
         proc = subprocess.Popen([*CLI, "serve", "--mqtt-listen", "127.0.0.1:0",
-                                 "--admin-listen", "127.0.0.1:0"], cwd=tmp_path, env=env,
+                                 "--admin-listen", "127.0.0.1:0", "--coap-listen", "127.0.0.1:0"],
+                                cwd=tmp_path, env=env,
                                 stderr=subprocess.DEVNULL)
         try:
             messages: list[str] = []
