@@ -48,3 +48,23 @@ class Envelope(msgspec.Struct, gc=False):
     """Index of the next pipeline stage to run (progress survives preemption)."""
     wal_seq: int = 0
     """Sequence number of its write-ahead log record (0: not in the log); retire it by this."""
+
+
+class SinkRecord(msgspec.Struct, omit_defaults=True, gc=False):
+    """One processed message as the sinks write it: a line of the data lake, an AMQP
+    message body."""
+
+    id: str
+    device: str
+    tenant: str
+    tier: str
+    topic: str
+    received_at: str
+    qos: int
+    protocol: str
+    region: str
+    device_class: str
+    payload_encoding: str
+    payload: Any
+    meta: dict[str, Any] | None = None
+    errors: list[str] | None = None

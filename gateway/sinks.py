@@ -56,7 +56,7 @@ import msgspec
 from msgspec import Meta
 
 from gateway.config import Config
-from gateway.envelope import Envelope
+from gateway.envelope import Envelope, SinkRecord
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.parquet_sink import ParquetSink  # pyarrow: imported when one is built
@@ -179,25 +179,6 @@ class NullSink:
 
 # --------------------------------------------------------------------------------------------
 # jsonl: the data lake
-
-
-class SinkRecord(msgspec.Struct, omit_defaults=True, gc=False):
-    """One line of the data lake."""
-
-    id: str
-    device: str
-    tenant: str
-    tier: str
-    topic: str
-    received_at: str
-    qos: int
-    protocol: str
-    region: str
-    device_class: str
-    payload_encoding: str
-    payload: Any
-    meta: dict[str, Any] | None = None
-    errors: list[str] | None = None
 
 
 class _Partition:

@@ -62,7 +62,7 @@ import msgspec
 
 from gateway.config import Config, DispatchSection, RetrySection, Schema
 from gateway.dispatch import Dispatcher, Lane
-from gateway.envelope import Envelope
+from gateway.envelope import Envelope, SinkRecord
 from gateway.metrics import Metrics
 from gateway.pipeline import (
     Isolation,
@@ -73,7 +73,7 @@ from gateway.pipeline import (
     WindowedStage,
 )
 from gateway.registry import DeviceInfo, DeviceRegistry
-from gateway.sinks import SinkRecord, build_sinks
+from gateway.sinks import build_sinks
 
 log = logging.getLogger("iotgw.workers")
 

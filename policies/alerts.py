@@ -53,12 +53,14 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
 from msgspec import Meta, Struct
 from prometheus_client import Counter
+
+from gateway.urls import display_url
 
 if TYPE_CHECKING:
     from policies.anomaly import Anomaly
@@ -170,16 +172,6 @@ def monotonic_to_unix(stamp: float) -> float:
     return stamp + (time.time() - time.monotonic())
 
 
-def _display_url(url: str) -> str:
-    """The URL for logs: without user info, query or fragment (tokens live there)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 # --------------------------------------------------------------------------- runtime
 
 
@@ -221,7 +213,7 @@ class Alerter:
         self._sender_count = webhook_senders
         self._node = node
         self._to_unix = to_unix
-        self._display = {p.webhook: _display_url(p.webhook)
+        self._display = {p.webhook: display_url(p.webhook)
                          for p in self._policies.values() if p.webhook is not None}
         self._queue: asyncio.Queue[_Job] | None = None
         self._senders: list[asyncio.Task[None]] = []

@@ -53,9 +53,10 @@ from typing import Any, Protocol
 from pamqp import commands
 
 from gateway.ingest import Inbound
+from gateway.urls import display_url
 from protocols.amqp.client import AmqpClientProtocol, Endpoint, LinkLost, open_client
 from protocols.amqp.config import AmqpSection, IngestQueue
-from protocols.amqp.link import LINK_ERRORS, AmqpMetrics, Backoff, display_url
+from protocols.amqp.link import LINK_ERRORS, AmqpMetrics, Backoff
 from protocols.amqp.mapping import InboundMapper
 from protocols.amqp.wire import Delivery
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import weakref
-from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -15,16 +14,6 @@ from protocols.amqp.wire import ProtocolError
 LINK_ERRORS = (ConnectionError, OSError, TimeoutError, ProtocolError)
 """What a lost, refused or misbehaving link raises (``client.LinkLost`` is a
 ConnectionError)."""
-
-
-def display_url(url: str) -> str:
-    """The URL for logs: without user info or query (passwords live there)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class Backoff:

@@ -36,9 +36,10 @@ from typing import Any, NamedTuple
 from pamqp import commands
 from pamqp.base import Frame
 
+from gateway.urls import display_url
 from protocols.amqp.client import AmqpClientProtocol, Endpoint, LinkLost, open_client
 from protocols.amqp.errors import AmqpUnavailable
-from protocols.amqp.link import LINK_ERRORS, AmqpMetrics, Backoff, display_url
+from protocols.amqp.link import LINK_ERRORS, AmqpMetrics, Backoff
 from protocols.amqp.wire import short_str
 
 log = logging.getLogger("iotgw.amqp.publish")

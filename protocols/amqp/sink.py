@@ -23,7 +23,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 from msgspec import Meta
 
-from gateway.envelope import Envelope
+from gateway.envelope import Envelope, SinkRecord
 from gateway.metrics import Metrics
 from protocols.amqp.config import PROCESSED_FIELDS, check_template, check_url
 from protocols.amqp.errors import AmqpUnavailable
@@ -59,23 +59,6 @@ class AmqpSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reconnect_max_s: Annotated[float, Meta(gt=0)] = 30.0
 
 
-class ProcessedRecord(msgspec.Struct, omit_defaults=True, gc=False):
-    """The message body (``payload = "record"``): the data lake's line, as one object."""
-
-    id: str
-    device: str
-    tenant: str
-    tier: str
-    topic: str
-    received_at: str
-    qos: int
-    protocol: str
-    region: str
-    device_class: str
-    payload_encoding: str
-    payload: Any
-    meta: dict[str, Any] | None = None
-    errors: list[str] | None = None
 
 
 def _utc(at: float) -> str:
@@ -158,7 +141,7 @@ class AmqpSink:
                         data = decode(env.payload)
                     except (msgspec.DecodeError, UnicodeDecodeError):  # "\xff" is not UTF-8
                         data, encoding = bytes(env.payload), "base64"
-                record = ProcessedRecord(
+                record = SinkRecord(
                     env.id, env.device, env.tenant, env.tier, env.topic, self._last_stamp,
                     env.qos, env.protocol, env.region, env.device_class, encoding, data,
                     env.meta, env.errors)

@@ -25,6 +25,7 @@ import pyarrow.dataset as ds  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import pytest
 
+import gateway.envelope
 import gateway.parquet_sink as parquet_sink
 import gateway.sinks
 from gateway.config import parse_config
@@ -711,4 +712,4 @@ async def test_the_benchmark_runs(tmp_path: Path) -> None:
 def test_the_files_have_the_fields_of_the_json_lines_in_order() -> None:
     schema = parquet_sink.arrow_schema(pa)
     assert schema.names == list(parquet_sink.COLUMNS)
-    assert [f.name for f in msgspec.structs.fields(gateway.sinks.SinkRecord)] == schema.names
+    assert [f.name for f in msgspec.structs.fields(gateway.envelope.SinkRecord)] == schema.names

@@ -10,10 +10,11 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.errors import ConfigError
+from gateway.urls import display_url
 from protocols.amqp import config as amqp_config
 from protocols.amqp.client import Endpoint
 from protocols.amqp.config import AmqpSection, IngestQueue, PriorityTier, check_tiers
-from protocols.amqp.link import Backoff, display_url
+from protocols.amqp.link import Backoff
 from protocols.amqp.mapping import (
     InboundMapper,
     key_word,
