@@ -390,10 +390,12 @@ class MQTTIngest:
         PUBREC 0x87 (3.4.2.1); MQTT 3.1.1 cannot say no, so they are acknowledged and dropped
         [MQTT-3.3.5-2]. Counted in ``iotgw_messages_refused_total{reason="not_authorized"}``."""
         allowed = acl.can_publish
-        if all(allowed(p.topic) for p in batch):
+        kept: list[Publish] = []
+        denied: list[Publish] = []
+        for publish in batch:
+            (kept if allowed(publish.topic) else denied).append(publish)
+        if not denied:
             return batch
-        kept = [p for p in batch if allowed(p.topic)]
-        denied = [p for p in batch if not allowed(p.topic)]
         conn = client.conn
         code = NOT_AUTHORIZED if conn.version == MQTT5 else SUCCESS
         for publish in denied:

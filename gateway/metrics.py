@@ -159,6 +159,7 @@ class Metrics:
             "iotgw_mqtt_subscriptions", "MQTT subscriptions", registry=r)
         self.mqtt_retained = Gauge(
             "iotgw_mqtt_retained_messages", "Retained messages kept", registry=r)
+        self.amqp = AmqpMetrics(r)
         self.queue_depth = Gauge(
             "iotgw_queue_depth", "Messages waiting in each dispatcher lane", ["lane"], registry=r)
         self.ingest_pauses = Counter(
@@ -243,3 +244,41 @@ class Metrics:
             "Torn or corrupt WAL records found at start (each cut its segment there)", registry=r)
         self.wal_truncated_bytes = Counter(
             "iotgw_wal_truncated_bytes", "Bytes cut from WAL segments at start", registry=r)
+
+
+class AmqpMetrics:
+    """The AMQP side's metrics, on the gateway's registry (``iotgw_amqp_*``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.connected = Gauge(
+            "iotgw_amqp_connected", "1 while the AMQP link is up (link: ingest, alerts, "
+            "sink:<name>)", ["link"], registry=r)
+        self.connects = Counter(
+            "iotgw_amqp_connects", "AMQP connections opened (the first one and every "
+            "reconnect)", ["link"], registry=r)
+        self.link_errors = Counter(
+            "iotgw_amqp_link_errors", "AMQP links lost, or connects that failed",
+            ["link"], registry=r)
+        self.acked = Counter(
+            "iotgw_amqp_acked_messages", "Deliveries acknowledged after their durable append",
+            registry=r)
+        self.requeued = Counter(
+            "iotgw_amqp_requeued_messages", "Deliveries nacked with requeue (reason: overload, "
+            "commit_failed)", ["reason"], registry=r)
+        self.settle_frames = Counter(
+            "iotgw_amqp_settle_frames", "basic.ack and basic.nack frames sent (each may settle "
+            "many deliveries)", registry=r)
+        self.duplicates = Counter(
+            "iotgw_amqp_duplicates_dropped_messages", "Redeliveries of messages already made "
+            "durable (their ack was lost with the link): acked, not taken again", registry=r)
+        self.published = Counter(
+            "iotgw_amqp_published_messages", "Messages published and confirmed by RabbitMQ",
+            ["link"], registry=r)
+        self.unconfirmed = Gauge(
+            "iotgw_amqp_unconfirmed_messages", "Messages held for publishing or awaiting "
+            "their confirm", ["link"], registry=r)
+        self.dropped = Counter(
+            "iotgw_amqp_dropped_messages", "Messages not published because too many were "
+            "held while RabbitMQ was away (QoS 0 results, the oldest alerts)", ["link"],
+            registry=r)

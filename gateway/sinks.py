@@ -55,6 +55,7 @@ from urllib.parse import quote
 import msgspec
 from msgspec import Meta
 
+from gateway.broker import Broker, Message
 from gateway.config import Config
 from gateway.envelope import Envelope, SinkRecord
 from gateway.errors import ConfigError
@@ -496,20 +497,17 @@ class MQTTSink:
                              f"(known: {', '.join(_TOPIC_FIELDS)})") from None
         self.name = name
         self.options = options
-        self._publish: Callable[[Any], Any] | None = None
-        self._message: Any = None
+        self._publish: Callable[[Message], int] | None = None
         self._encode = msgspec.json.Encoder().encode
         self._records = metrics.sink_records.labels(name)
         self._errors = metrics.sink_errors.labels(name)
         self._bad: set[str] = set()
 
-    def attach_broker(self, broker: Any) -> None:
-        from gateway.broker import Message  # the broker imports the config, not the sinks
-
-        self._publish, self._message = broker.publish, Message
+    def attach_broker(self, broker: Broker) -> None:
+        self._publish = broker.publish
 
     def write(self, batch: list[Envelope]) -> None:
-        publish, message = self._publish, self._message
+        publish = self._publish
         if publish is None:
             return
         options = self.options
@@ -532,7 +530,7 @@ class MQTTSink:
                 "id": env.id, "device": env.device, "tenant": env.tenant, "tier": env.tier,
                 "region": env.region, "topic": env.topic, "received_at": env.received_at,
                 "data": env.data, "meta": env.meta})
-            publish(message(topic, payload, qos, retain))
+            publish(Message(topic, payload, qos, retain))
             sent += 1
         if sent:
             self._records.inc(sent)

@@ -88,20 +88,6 @@ class _Inc(Protocol):
     def inc(self, amount: float = 1) -> None: ...
 
 
-TIER_SUPPORTED = "tier" in Inbound._fields
-"""``Inbound`` carries a tier (see the wiring notes); until then the mapped tier is dropped
-and the classification's tier applies."""
-
-if TIER_SUPPORTED:
-    def _inbound(device: str, topic: str, payload: bytes, username: str | None,
-                 tier: str | None) -> Inbound:
-        return Inbound._make((device, topic, payload, 1, username, tier))
-else:  # pragma: no cover
-    def _inbound(device: str, topic: str, payload: bytes, username: str | None,
-                 tier: str | None) -> Inbound:
-        return Inbound(device, topic, payload, 1, username)
-
-
 class _Batch:
     __slots__ = ("ids", "last_tag", "outcome", "size")
 
@@ -163,7 +149,7 @@ class _Session:
             device, topic, username, tier = map_(
                 queues.get(d.consumer_tag, ""), d.exchange, d.routing_key, props.headers,
                 props.app_id, props.user_id, props.priority)
-            items.append(_inbound(device, topic, d.body, username, tier))
+            items.append(Inbound(device, topic, d.body, 1, username, tier))
         if duplicates:
             consumer.duplicates += duplicates
             consumer.metrics.duplicates.inc(duplicates)

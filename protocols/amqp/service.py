@@ -21,7 +21,6 @@ from gateway.metrics import Metrics
 from protocols.amqp.config import AmqpSection, check_tiers, check_url
 from protocols.amqp.consumer import AmqpConsumer
 from protocols.amqp.errors import AmqpError
-from protocols.amqp.link import amqp_metrics
 from protocols.amqp.mapping import render_key, template_fields
 from protocols.amqp.publisher import ConfirmedPublisher, LinkSettings, Outgoing
 from protocols.amqp.wire import encode_properties
@@ -56,7 +55,7 @@ class AlertPublisher:
         self._decode = msgspec.json.Decoder(dict[str, Any]).decode
         self._timeout = section.confirm_timeout_s
         self.publisher = ConfirmedPublisher(
-            "alerts", section.url, section.alerts.exchange, amqp_metrics(metrics),
+            "alerts", section.url, section.alerts.exchange, metrics.amqp,
             exchange_type=section.alerts.type, declare=section.declare,
             settings=link_settings(section), window=100, max_buffered=section.max_buffered,
             name=name)
@@ -121,7 +120,7 @@ async def start_amqp(section: AmqpSection, ingest: MQTTIngest, metrics: Metrics,
         check_tiers(section, tiers)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    gauges = amqp_metrics(metrics)
+    gauges = metrics.amqp
     consumer = AmqpConsumer(
         section, ingest, gauges, metrics.messages_refused.labels("amqp", "overload"),
         prefetch=prefetch_for(section, dispatcher.batch_size, dispatcher.slots), tiers=tiers,

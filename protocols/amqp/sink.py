@@ -27,7 +27,6 @@ from gateway.envelope import Envelope, SinkRecord
 from gateway.metrics import Metrics
 from protocols.amqp.config import PROCESSED_FIELDS, check_template, check_url
 from protocols.amqp.errors import AmqpUnavailable
-from protocols.amqp.link import amqp_metrics
 from protocols.amqp.mapping import render_key, template_fields
 from protocols.amqp.publisher import ConfirmedPublisher, LinkSettings, Outgoing
 from protocols.amqp.wire import encode_properties
@@ -87,7 +86,7 @@ class AmqpSink:
         self.name = name
         self.options = options
         self.publisher = ConfirmedPublisher(
-            f"sink:{name}", options.url, options.exchange, amqp_metrics(metrics),
+            f"sink:{name}", options.url, options.exchange, metrics.amqp,
             exchange_type=options.exchange_type, declare=options.declare,
             settings=LinkSettings(options.heartbeat_s, options.connect_timeout_s,
                                   options.reconnect_initial_s, options.reconnect_max_s),

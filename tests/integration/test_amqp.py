@@ -24,12 +24,11 @@ import msgspec
 import pytest
 
 import gateway.sinks as sinks_module
-from gateway.config import Config
 from gateway.envelope import Envelope
 from gateway.ingest import Inbound
 from policies.alerts import Alert
 from protocols.amqp.config import AmqpSection, IngestQueue, PriorityTier, QueueBinding
-from protocols.amqp.consumer import TIER_SUPPORTED, AmqpConsumer
+from protocols.amqp.consumer import AmqpConsumer
 from protocols.amqp.service import AmqpHandle, start_amqp
 from protocols.amqp.sink import AmqpSink
 from tests.conftest import DEFAULT_TOML, RunningGateway, admin_get, start_serve, stop
@@ -479,8 +478,6 @@ def test_headers_routing_keys_and_users_give_device_topic_and_classification(
     assert by_seq[0]["device_class"] == "medical"
 
 
-@pytest.mark.skipif(not TIER_SUPPORTED, reason="needs Inbound.tier in gateway/ingest.py "
-                                               "(see the wiring notes)")
 def test_priority_and_the_tier_header_choose_the_tier(
         gateway_factory: Callable[..., RunningGateway], amqp: Any, names: Names,
         tmp_path: Path) -> None:
@@ -677,11 +674,6 @@ def test_alerts_are_published_to_the_alerts_exchange(
 
 # -- the daemon, wired ---------------------------------------------------------------------------
 
-WIRED = "amqp" in Config.__struct_fields__
-
-
-@pytest.mark.skipif(not WIRED, reason="needs [amqp] in Config and serve --amqp-url (see the "
-                                      "wiring notes)")
 def test_serve_with_amqp_url_consumes_publishes_results_and_alerts(
         tmp_path: Path, names: Names) -> None:
     queue = names.queue()
