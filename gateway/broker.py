@@ -363,9 +363,7 @@ class Broker:
         codes: list[int] = []
         for topic_filter, options in subscriptions:
             try:
-                group, inner = split_shared(topic_filter)
-                if group is not None and options.no_local:  # [MQTT-3.8.3-4]
-                    raise ValueError("no local on a shared subscription")
+                group, inner = split_shared(topic_filter)  # the codec refused No Local on it
                 key: str | tuple[str, str] = (session.client_id if group is None
                                               else (group, session.client_id))
                 subscription = Subscription(options.qos, options.no_local,
