@@ -933,8 +933,9 @@ uvloop.run(main())
 
 def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, text=True)
+    stderr = (tmp_path / "child.stderr").open("w+")
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "wal")], cwd=ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     assert child.stdout is not None
     acked: dict[str, int] = {}  # id → seq
     retiring: set[int] = set()  # retire() called: may come back (a duplicate), or not
@@ -947,24 +948,30 @@ def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
         else:
             (retiring if word == "retiring" else retired).update(int(seq) for seq in rest)
 
-    deadline = time.monotonic() + 30
-    while len(acked) < 1500 or len(retired) < 50:
-        line = child.stdout.readline()
-        assert line, "the child died"
-        assert time.monotonic() < deadline
-        take(line)
-    child.send_signal(signal.SIGKILL)
-    for line in child.stdout:  # whatever it printed before it died
-        take(line)
-    child.wait()
-    child.stdout.close()
-    back = recover(tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while len(acked) < 1500 or len(retired) < 50:
+            line = child.stdout.readline()
+            if not line:
+                stderr.seek(0)
+                pytest.fail(f"the child exited ({child.wait()}) early: {stderr.read()}")
+            assert time.monotonic() < deadline
+            take(line)
+        child.send_signal(signal.SIGKILL)
+        for line in child.stdout:  # whatever it printed before it died
+            take(line)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        stderr.close()
+    back = recover(tmp_path / "wal")
     assert [e.wal_seq for e in back] == sorted({e.wal_seq for e in back})
     seq_of = {e.id: e.wal_seq for e in back}
     for i, seq in acked.items():  # every ack that was not retired is there, as it was
         assert seq in retiring or seq_of.get(i) == seq, i
     assert retired and not retired & set(seq_of.values())  # what was retired stays so
-    assert ids(recover(tmp_path)) == ids(back)  # a second start agrees
+    assert ids(recover(tmp_path / "wal")) == ids(back)  # a second start agrees
 
 
 # -- a model ---------------------------------------------------------------------------------
