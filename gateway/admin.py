@@ -1,5 +1,5 @@
 """The admin HTTP API (aiohttp): metrics, health, readiness, a JSON status, drain,
-anomaly acknowledgement, maintenance reservations.
+anomaly acknowledgement, maintenance reservations, the scaling signal.
 
 Errors are JSON objects ``{"error": "..."}`` with a 4xx status naming what was wrong."""
 
@@ -91,6 +91,12 @@ def make_app(gateway: Gateway) -> web.Application:
         return web.json_response({"cancelled": name})
 
     app = web.Application()
+    async def scaling(request: web.Request) -> web.Response:
+        if gateway.elasticity is None:
+            return _error(404, "scaling is disabled ([scaling] enabled = false)")
+        return web.json_response(gateway.elasticity.report())
+
+    app.router.add_get("/v1/scaling", scaling)
     app.router.add_get("/v1/maintenance", maintenance_list)
     app.router.add_post("/v1/maintenance", maintenance_schedule)
     app.router.add_delete("/v1/maintenance/{name}", maintenance_cancel)

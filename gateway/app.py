@@ -54,6 +54,7 @@ from gateway.maintenance import validate as validate_maintenance
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, StageContext, build_pipelines
 from gateway.registry import DeviceRegistry
+from gateway.scaling import Elasticity
 from gateway.sinks import Sink, build_sinks
 from gateway.statedir import InstanceDir, release_orphan
 from gateway.wal import WriteAheadLog
@@ -78,7 +79,8 @@ ADOPT_INTERVAL_S = 5.0  # how often to look for the logs of daemons that have ex
 
 # Settings a reload cannot change: they need a restart (a side-by-side upgrade does it).
 RESTART_ONLY = ("mqtt.listen", "admin.listen", "gateway.node_id", "gateway.state_dir",
-                "wal", "audit", "amqp", "coap.listen", "coap.enabled")
+                "wal", "audit", "amqp", "coap.listen", "coap.enabled",
+                "scaling.enabled")
 
 
 @dataclass
@@ -154,6 +156,12 @@ class Gateway:
         self.maintenance = Maintenance(config.maintenance, self.dispatcher, self.metrics,
                                        audit=self._audit, context=self._task_context,
                                        state_dir=state_dir)
+        self.elasticity = (Elasticity(config.scaling, self.dispatcher, self.workers,
+                                      self.metrics, audit=self._audit,
+                                      node_id=config.gateway.node_id,
+                                      region=config.gateway.region,
+                                      tier_bounds=_tier_bounds(config))
+                           if config.scaling.enabled else None)
         self._export_queue_depth()
         self.ingest = MQTTIngest(config.gateway.node_id, config.mqtt, config.tiers,
                                  config.dispatch, parts.classifier, self.dispatcher,
@@ -291,6 +299,8 @@ class Gateway:
             self._unwind.append(self.amqp.close)
         self._unwind.append(asyncio.create_task(self._housekeep()).cancel)
         self._unwind.append(asyncio.create_task(self._measure_loop_lag()).cancel)
+        if self.elasticity is not None:
+            self._unwind.append(asyncio.create_task(self.elasticity.run()).cancel)
         # What start-up built (config, registry, pipelines) lives as long as the process:
         # keep it out of the collector's full passes, which would otherwise walk all of it
         # while the loop waits.
@@ -516,6 +526,8 @@ class Gateway:
                                     anomaly_lanes=parts.anomaly_lanes)
         self._export_queue_depth()
         self.workers.reconfigure(parts.pipelines, new.retry)
+        if self.elasticity is not None:  # the dispatcher's reload reset its slots
+            self.elasticity.reconfigure(new.scaling, _tier_bounds(new))
         self.maintenance.reconfigure(new.maintenance)
         self.ingest.broker.settings = new.broker  # bounds apply to what comes next
         self.ingest.configure(new.mqtt, new.tiers, new.dispatch, parts.classifier,
@@ -691,6 +703,10 @@ async def _close_sink(name: str, sink: Sink) -> bool:
         log.exception("sink %s failed to close", name)
         return False
     return True
+
+
+def _tier_bounds(config: Config) -> dict[str, float]:
+    return {t.name: t.max_latency_ms / 1000 for t in config.tiers}
 
 
 def _check_reloadable(old: Config, new: Config) -> None:

@@ -237,6 +237,20 @@ def bench_scenario(overload: float, anomaly_rate: float, connections: int, phase
         raise click.ClickException(str(err)) from None
 
 
+@main.command("bench-scaling")
+@click.option("--days", type=click.IntRange(min=2), default=7, show_default=True,
+              help="Simulated days (the profile needs one to learn from).")
+@click.option("--seed", type=int, default=1, show_default=True, help="Load and noise seed.")
+@click.option("--day-seconds", "day_s", type=click.FloatRange(min=600), default=3600.0,
+              show_default=True, help="Length of a compressed day.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_scaling(days: int, seed: int, day_s: float, as_json: bool) -> None:
+    """A compressed week of daily cycles and bursts: static, reactive and predictive scaling."""
+    from gateway.scaling_sim import BenchArgs, print_bench, run_bench
+
+    print_bench(run_bench(BenchArgs(days=days, seed=seed, day_s=day_s)), as_json)
+
+
 @main.command("check-config")
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
 def check_config(path: Path) -> None:

@@ -18,6 +18,7 @@ from gateway.auth import AuthSection
 from gateway.errors import ConfigError
 from policies.anomaly import AnomalySection
 from policies.maintenance import MaintenanceSection
+from policies.scaling import ScalingSection, check_scaling
 from protocols.amqp.config import AmqpSection
 from protocols.amqp.config import check_tiers as check_amqp_tiers
 from protocols.coap.config import CoapSection
@@ -247,6 +248,7 @@ class Config(_Base, frozen=True):
     retry: RetrySection = RetrySection()
     anomaly: AnomalySection = AnomalySection()
     maintenance: MaintenanceSection = MaintenanceSection()
+    scaling: ScalingSection = ScalingSection()
     amqp: AmqpSection = AmqpSection()
 
     def __post_init__(self) -> None:
@@ -271,6 +273,7 @@ class Config(_Base, frozen=True):
                 if t not in names:
                     raise ValueError(f"pipelines[{i}].tiers: unknown tier {t!r}")
         check_amqp_tiers(self.amqp, names)
+        check_scaling(self.scaling)
 
     @property
     def tier_names(self) -> list[str]:

@@ -171,6 +171,8 @@ class Dispatcher:
         self.queued = 0
         self.drains = 0
         """Drains run so far (with ``served``: the load, for maintenance admission)."""
+        self.busy_ns = 0
+        """Time spent handing out and processing batches (the scaling policy's slot rate)."""
         self.pressure = False
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -344,25 +346,28 @@ class Dispatcher:
         due is served first, so shares still hold) while urgent work waits."""
         can_process = self._can_process
         urgent = self._urgent
+        started = time.monotonic_ns()
         for _ in range(self.slots):
             if can_process is not None and not can_process():
-                return
+                break
             if not any(lane.waiting for lane in urgent):
-                return
+                break
             lane = self.choose()
             if lane is None:
-                return
+                break
             if lane.resumed:
                 self._resume(lane)
                 continue
             batch = self._take(lane)
             if batch:
                 self._process(lane, batch)
+        self.busy_ns += time.monotonic_ns() - started
 
     def _drain(self) -> None:
         self._scheduled = False
         self.drains += 1
-        deadline = time.monotonic_ns() + DRAIN_BUDGET_NS
+        started = time.monotonic_ns()
+        deadline = started + DRAIN_BUDGET_NS
         can_process = self._can_process
         blocked = False
         maintenance = self._maintenance
@@ -391,6 +396,7 @@ class Dispatcher:
                 self._process(lane, batch)
             if time.monotonic_ns() > deadline:
                 break  # the rest in the next turn: sockets and callbacks wait meanwhile
+        self.busy_ns += time.monotonic_ns() - started
         if blocked and self._preempt is not None:
             urgent = sum(len(lane) for lane in self.anomaly_lanes)
             if urgent:

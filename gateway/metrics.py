@@ -190,6 +190,24 @@ class Metrics:
         self.maintenance_tasks = Counter(
             "iotgw_maintenance_tasks", "Maintenance tasks ended (outcome: done, failed)",
             ["task", "outcome"], registry=r)
+        self.scaling_desired_replicas = Gauge(
+            "iotgw_scaling_desired_replicas", "Replicas the fleet needs for the forecast load "
+            "(for external autoscalers)", registry=r)
+        self.scaling_capacity_slots = Gauge(
+            "iotgw_scaling_capacity_slots", "Processing slots in effect in this node",
+            registry=r)
+        self.scaling_forecast = Gauge(
+            "iotgw_scaling_forecast_messages_per_second", "Arrival rate the scaling policy "
+            "provisions for", registry=r)
+        self.scaling_arrivals = Gauge(
+            "iotgw_scaling_arrival_messages_per_second", "Arrival rate measured over the last "
+            "scaling interval", registry=r)
+        self.scaling_decisions = Counter(
+            "iotgw_scaling_decisions", "Scaling decisions that changed capacity or the desired "
+            "replicas (action: scale-up, scale-down, replicas)", ["action"], registry=r)
+        self.scaling_hook_runs = Counter(
+            "iotgw_scaling_hook_runs", "Runs of the scaling command hook (outcome: ok, failed, "
+            "timeout, error)", ["outcome"], registry=r)
         self.loop_lag = Histogram(
             "iotgw_loop_lag_seconds", "How late a 10 ms timer fires on the event loop: the "
             "longest anything waits for the loop's next turn", buckets=LATENCY_BUCKETS_S,

@@ -332,6 +332,7 @@ class Workers:
         self._tasks: set[asyncio.Task[None]] = set()
         self._pool: _Pool | None = None
         self._turns: asyncio.Semaphore | None = None
+        self._turns_size = 0  # the pool size _turns was made for
         self._idle: asyncio.Event | None = None
         self._unserved: set[str] = set()
         self._closed = False
@@ -580,7 +581,8 @@ class Workers:
         loop = self._get_loop()
         sent = [e if e.ack is None else msgspec.structs.replace(e, ack=None) for e in items]
         if self._turns is None:
-            self._turns = asyncio.Semaphore(self._pool_size())
+            self._turns_size = self._pool_size()
+            self._turns = asyncio.Semaphore(self._turns_size)
         async with self._turns:  # one batch per worker process: timeouts time the work only
             while True:
                 pool = self._pool
@@ -620,6 +622,17 @@ class Workers:
                     raise
                 except Exception as err:  # the stage raised in the worker process
                     return None, err, "error"
+
+    def resize(self) -> None:
+        """The dispatcher's slots changed (in-node scaling): isolated stages get a process
+        pool of the new size. The old pool finishes what it runs; the next batch starts the
+        new one."""
+        if self._turns is None or self._pool_size() == self._turns_size:
+            return
+        self._turns = None
+        if self._pool is not None:
+            self._pool.discard("retired")
+            self._pool = None
 
     def _pool_size(self) -> int:
         slots = self.dispatcher.slots if self.dispatcher is not None else _DEFAULTS.slots
