@@ -22,6 +22,7 @@ from gateway.broker_bench import bench_broker_command
 from gateway.coap_bench import bench_coap_command
 from gateway.config import Config, load_config, split_host_port
 from gateway.errors import ConfigError, GatewayError
+from gateway.simulate import simulate_command
 
 
 def _setup_logging(level: str) -> None:
@@ -307,6 +308,7 @@ main.add_command(passwd_command)
 main.add_command(bench_broker_command)
 main.add_command(bench_amqp_command)
 main.add_command(bench_coap_command)
+main.add_command(simulate_command)
 
 if __name__ == "__main__":
     main()
