@@ -97,10 +97,14 @@ class Run:
 
 # -- the load -------------------------------------------------------------------------------
 def _option(delta: int, value: bytes) -> bytes:
-    """One CoAP option (deltas and lengths below 269)."""
+    """One CoAP option (RFC 7252, 3.1: extended deltas and lengths)."""
 
     def nibble(n: int) -> tuple[int, bytes]:
-        return (n, b"") if n < 13 else (13, bytes([n - 13]))
+        if n < 13:
+            return n, b""
+        if n < 269:
+            return 13, bytes([n - 13])
+        return 14, struct.pack("!H", n - 269)
 
     d, dx = nibble(delta)
     n, nx = nibble(len(value))
@@ -108,15 +112,15 @@ def _option(delta: int, value: bytes) -> bytes:
 
 
 def encode_post(mid: int, token: bytes, path: tuple[str, ...], payload: bytes,
-                content_format: int = JSON_FORMAT) -> bytes:
-    """A CON POST with Uri-Path options, Content-Format and a payload."""
+                content_format: int = JSON_FORMAT, kind: int = CON) -> bytes:
+    """A POST (CON, or NON) with Uri-Path options, Content-Format and a payload."""
     options = b""
     number = 0
     for segment in path:
         options += _option(URI_PATH - number, segment.encode())
         number = URI_PATH
     options += _option(CONTENT_FORMAT - number, bytes([content_format]))
-    header = struct.pack("!BBH", 0x40 | (CON << 4) | len(token), POST, mid)
+    header = struct.pack("!BBH", 0x40 | (kind << 4) | len(token), POST, mid)
     return header + token + options + b"\xff" + payload
 
 

@@ -283,23 +283,27 @@ class Config(_Base, frozen=True):
 _PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 
 
-def _format_error(err: msgspec.MsgspecError) -> str:
-    """msgspec's ``"Expected ... - at `$.tiers[2].x`"`` → ``"tiers[2].x: expected ..."``."""
+def format_error(err: msgspec.MsgspecError) -> str:
+    """msgspec's ``"Expected ... - at `$.tiers[2].x`"`` → ``"tiers[2].x: expected ..."``; a
+    message that names its own field (``"share: ..."``) gets the path prefixed."""
     text = str(err)
     m = _PATH_RE.search(text)
     if m is None:
         return text
     path = m["path"].lstrip(".")
     message = text[: m.start()]
-    message = message[:1].lower() + message[1:]
-    return f"{path}: {message}" if path else message
+    if not path:
+        return message
+    if re.match(r"^[a-z_]+(\[\d+\])?[.:\[]", message):  # "share: ..." → "groups[1].share: ..."
+        return f"{path}.{message}"
+    return f"{path}: {message[:1].lower() + message[1:]}"
 
 
 def parse_config(text: str | bytes, source: str = "<config>") -> Config:
     try:
         return msgspec.toml.decode(text, type=Config)
     except (msgspec.ValidationError, msgspec.DecodeError) as err:
-        raise ConfigError(f"{source}: {_format_error(err)}") from None
+        raise ConfigError(f"{source}: {format_error(err)}") from None
 
 
 def load_config(path: str | Path | None = None) -> Config:

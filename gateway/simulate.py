@@ -58,14 +58,14 @@ from typing import Any, cast
 import click
 import msgspec
 
-from gateway.config import split_host_port
+from gateway.coap_bench import encode_post
+from gateway.config import format_error, split_host_port
 from gateway.errors import ConfigError, GatewayError
 from gateway.simulate_scenario import (
     BlockPicker,
     Fleet,
     Scenario,
     ScenarioError,
-    format_error,
     load_scenario,
     shape,
     shrunk,
@@ -97,10 +97,7 @@ RESERVOIR = 50_000
 PINGREQ = b"\xc0\x00"
 
 COAP_CON, COAP_NON, COAP_ACK, COAP_RST = 0, 1, 2, 3
-COAP_POST = 0x02
 COAP_SERVICE_UNAVAILABLE = 0xA3  # 5.03
-COAP_URI_PATH, COAP_CONTENT_FORMAT = 11, 12
-COAP_JSON = 50
 COAP_RESEND_S = 2.0
 COAP_ATTEMPTS = 5
 COAP_SEPARATE_GIVE_UP_S = 30.0
@@ -459,31 +456,6 @@ class MqttLink:
 # ------------------------------------------------------------------------------- CoAP
 
 
-def _coap_option(delta: int, value: bytes) -> bytes:
-    def nibble(n: int) -> tuple[int, bytes]:
-        if n < 13:
-            return n, b""
-        if n < 269:
-            return 13, bytes([n - 13])
-        return 14, struct.pack("!H", n - 269)
-
-    d, dx = nibble(delta)
-    n, nx = nibble(len(value))
-    return bytes([d << 4 | n]) + dx + nx + value
-
-
-def coap_post(kind: int, mid: int, token: bytes, path: tuple[str, ...], payload: bytes) -> bytes:
-    """A POST (CON or NON) with Uri-Path options, Content-Format JSON and a payload."""
-    options = b""
-    number = 0
-    for segment in path:
-        options += _coap_option(COAP_URI_PATH - number, segment.encode())
-        number = COAP_URI_PATH
-    options += _coap_option(COAP_CONTENT_FORMAT - number, bytes([COAP_JSON]))
-    header = struct.pack("!BBH", 0x40 | (kind << 4) | len(token), COAP_POST, mid)
-    return header + token + options + b"\xff" + payload
-
-
 class CoapEndpoint(asyncio.DatagramProtocol):
     """One UDP socket: a window of confirmable requests in flight, matched by token."""
 
@@ -505,7 +477,8 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         self.mid = (self.mid + 1) & 0xFFFF
         token = struct.pack("!I", self.requests)
         kind = COAP_CON if item[2] else COAP_NON
-        datagram = coap_post(kind, self.mid, token, (*self.pool.path, item[0]), item[1])
+        datagram = encode_post(self.mid, token, (*self.pool.path, item[0]), item[1],
+                               kind=kind)
         if kind == COAP_CON:
             self.outstanding[token] = [now, now, datagram, False, item, 1]
         assert self.transport is not None

@@ -35,7 +35,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-from gateway.config import split_host_port
+from gateway.config import format_error, split_host_port
 from gateway.errors import ConfigError
 
 MAX_DEVICES = 1_000_000
@@ -306,25 +306,6 @@ class Scenario(_Base, frozen=True):
 
 
 # ------------------------------------------------------------------------------- loading
-
-_PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
-
-
-def format_error(err: msgspec.MsgspecError) -> str:
-    """msgspec's ``"Expected ... - at `$.fleet.groups[2]`"`` → ``"fleet.groups[2]: expected
-    ..."``; a message that names its own field (``"share: ..."``) gets the path prefixed."""
-    text = str(err)
-    m = _PATH_RE.search(text)
-    if m is None:
-        return text
-    path = m["path"].lstrip(".")
-    message = text[: m.start()]
-    if not path:
-        return message
-    if re.match(r"^[a-z_]+(\[\d+\])?[.:\[]", message):  # "share: ..." → "groups[1].share: ..."
-        return f"{path}.{message}"
-    return f"{path}: {message[:1].lower() + message[1:]}"
-
 
 def parse_scenario(text: str | bytes, source: str = "<scenario>") -> Scenario:
     try:

@@ -35,7 +35,7 @@ def test_the_default_config_loads() -> None:
     (TIER + "[gateway]\nnode_id = \"has space\"\n", "gateway.node_id"),
     (TIER + "[gateway]\nextra = 1\n", "unknown field `extra`"),
     (TIER + '[[classify.rules]]\nmatch = { payload = {} }\n',
-     "classify.rules[0].match: payload: give at least one field"),
+     "classify.rules[0].match.payload: give at least one field"),
     (TIER + '[[classify.rules]]\nmatch = { topic = "a/#/b" }\n',
      "classify.rules[0].match: invalid topic filter 'a/#/b'"),
 ])
