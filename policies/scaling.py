@@ -522,6 +522,9 @@ class ReactivePolicy(_Base):
         target = max(self._slots_for(self._low_peak * DOWN_HEADROOM, slot_rate),
                      self._floor(at, current, slot_rate))
         if target >= current:
+            # The low period's peak is that of the last cool-down: a new window starts, or
+            # one busy moment at its start would hold capacity for as long as load stays low.
+            self._low_since, self._low_peak = at, demand.need
             return current, f"hold: low for {low_for:.0f} s, but {self._why_not}"
         self._low_since = None
         return target, (f"utilisation below {section.scale_down_utilisation:.0%} for"

@@ -118,7 +118,8 @@ def config(*, us_per_message: float, batch_size: int = 32, slots: int = 1,
     ):
         assert old in text, old
         text = text.replace(old, new)
-    return text
+    # A node of fixed capacity: what these scenarios overload (elasticity has its own tests).
+    return text + f"\n[scaling]\nmin_slots = {slots}\nmax_slots = {slots}\n"
 
 
 # ------------------------------------------------------------------------- MQTT wire
