@@ -48,6 +48,7 @@ from gateway.config import ANOMALY_LANES, Config, load_config, split_host_port
 from gateway.dispatch import Dispatcher, Lane
 from gateway.envelope import Envelope
 from gateway.errors import ConfigError, GatewayError
+from gateway.fleet.service import Fleet, with_fleet
 from gateway.ingest import MQTTIngest
 from gateway.maintenance import Maintenance
 from gateway.maintenance import validate as validate_maintenance
@@ -57,6 +58,7 @@ from gateway.registry import DeviceRegistry
 from gateway.scaling import Elasticity
 from gateway.sinks import Sink, build_sinks
 from gateway.statedir import InstanceDir, release_orphan
+from gateway.supervisor import WorkerRole
 from gateway.wal import WriteAheadLog
 from gateway.workers import Workers
 from policies.alerts import Alerter
@@ -79,7 +81,7 @@ ADOPT_INTERVAL_S = 5.0  # how often to look for the logs of daemons that have ex
 
 # Settings a reload cannot change: they need a restart (a side-by-side upgrade does it).
 RESTART_ONLY = ("mqtt.listen", "admin.listen", "gateway.node_id", "gateway.state_dir",
-                "wal", "audit", "amqp", "coap.listen", "coap.enabled",
+                "wal", "audit", "amqp", "coap.listen", "coap.enabled", "fleet",
                 "scaling.enabled")
 
 
@@ -107,10 +109,15 @@ class Gateway:
     def __init__(self, config: Config, *, config_path: str | Path | None = None,
                  mqtt_listen: str | None = None, admin_listen: str | None = None,
                  shutdown_timeout: float = 10.0, amqp_url: str | None = None,
-                 coap_listen: str | None = None) -> None:
+                 coap_listen: str | None = None, worker: WorkerRole | None = None,
+                 fleet_url: str | None = None) -> None:
         self.amqp_url = amqp_url  # --amqp-url: kept across reloads
         self.amqp: AmqpHandle | None = None
-        self.config = config = with_amqp(config, amqp_url)
+        self.fleet_url = fleet_url  # --fleet-url: kept across reloads
+        self.fleet: Fleet | None = None
+        self.worker = worker  # serve --workers: one of several processes (gateway.supervisor)
+        config = with_fleet(with_amqp(config, amqp_url), fleet_url)
+        self.config = config = worker.apply(config) if worker is not None else config
         self.config_path = config_path
         self.mqtt_listen = mqtt_listen or config.mqtt.listen
         self.admin_listen = admin_listen or config.admin.listen
@@ -136,6 +143,8 @@ class Gateway:
         self.mqtt_tls_address: tuple[str, int] | None = None
 
         state_dir = Path(config.gateway.state_dir)
+        # Files of this process alone (a worker's siblings share state_dir, and the WAL in it).
+        self.private_dir = worker.private_dir(state_dir) if worker is not None else state_dir
         self.audit = (AuditLog(config.audit.dir, node_id=config.gateway.node_id,
                                max_file_bytes=config.audit.max_file_bytes)
                       if config.audit.enabled else None)
@@ -155,7 +164,7 @@ class Gateway:
         self.workers.dispatcher = self.dispatcher
         self.maintenance = Maintenance(config.maintenance, self.dispatcher, self.metrics,
                                        audit=self._audit, context=self._task_context,
-                                       state_dir=state_dir)
+                                       state_dir=self.private_dir)
         self.elasticity = (Elasticity(config.scaling, self.dispatcher, self.workers,
                                       self.metrics, audit=self._audit,
                                       node_id=config.gateway.node_id,
@@ -169,7 +178,7 @@ class Gateway:
                                  summarise=self.audit.summarise if self.audit else None,
                                  max_uncommitted=config.wal.max_uncommitted, audit=self._audit,
                                  broker=Broker(config.broker, self.metrics))
-        self.broker_store = BrokerStore(self.ingest.broker, state_dir)
+        self.broker_store = BrokerStore(self.ingest.broker, self.private_dir)
         self.ingest.security = parts.security
         self._attach_broker(self.sinks)
         self.ingest.configure(config.mqtt, config.tiers, config.dispatch, parts.classifier,
@@ -292,6 +301,13 @@ class Gateway:
             self._unwind.append(self.wal.close)
             await self._adopt_orphans()  # before any new traffic
         self.broker_store.load()
+        if self.config.fleet.url is not None:  # joins its region in the background
+            fleet = self.fleet = Fleet(
+                self.config, ingest=self.ingest, dispatcher=self.dispatcher, wal=self.wal,
+                metrics=self.metrics, audit=self._audit,
+                summarise=self.audit.summarise if self.audit else None)
+            fleet.start()
+            self._unwind.append(lambda: fleet.close(self.config.fleet.confirm_timeout_s))
         await self._listen()
         if self.config.amqp.url is not None:  # connects in the background, reconnects
             self.amqp = await start_amqp(self.config.amqp, self.ingest, self.metrics,
@@ -457,6 +473,8 @@ class Gateway:
         self.ingest.accepting = False
         if self.amqp is not None:  # in-flight deliveries are acked, the rest requeued
             await self.amqp.stop_consuming()
+        if self.fleet is not None:  # what it took is processed first, then handed back
+            self.fleet.stop_taking()
         for client in list(self.ingest.clients):
             client.close(SERVER_SHUTTING_DOWN)
         deadline = time.monotonic() + self.shutdown_timeout
@@ -475,6 +493,8 @@ class Gateway:
                         "in the write-ahead log for the next start", left)
         self.maintenance.close()
         self.broker_store.save_now()  # every connection is closed: sessions are final
+        if self.fleet is not None:  # confirmed work given away is retired
+            await self.fleet.close(self.config.fleet.confirm_timeout_s)
         await self._flush_and_retire(close=True)
         self.workers.close()
         if self.ingest.alerter is not None:  # webhooks still queued: a last chance
@@ -508,7 +528,9 @@ class Gateway:
         """Validate and build the whole new config, then swap it in; or keep the old one."""
         systemd.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            new = with_amqp(load_config(self.config_path), self.amqp_url)
+            new = with_fleet(with_amqp(load_config(self.config_path), self.amqp_url),
+                             self.fleet_url)
+            new = self.worker.apply(new) if self.worker is not None else new
             _check_reloadable(self.config, new)
             parts = self._build(new)
         except GatewayError as err:  # ConfigError included
@@ -528,6 +550,8 @@ class Gateway:
         self.workers.reconfigure(parts.pipelines, new.retry)
         if self.elasticity is not None:  # the dispatcher's reload reset its slots
             self.elasticity.reconfigure(new.scaling, _tier_bounds(new))
+        if self.fleet is not None:
+            self.fleet.reconfigure(new)
         self.maintenance.reconfigure(new.maintenance)
         self.ingest.broker.settings = new.broker  # bounds apply to what comes next
         self.ingest.configure(new.mqtt, new.tiers, new.dispatch, parts.classifier,
@@ -553,11 +577,15 @@ class Gateway:
         if self.audit is not None:
             self.audit.summarise("shed", f"{lane.name}/late", len(envelopes), tier=lane.name,
                                  reason="late")
+        if self.fleet is not None:  # work taken from the region's queue ends here too
+            self.fleet.finished(envelopes)
 
     def _finished(self, envelopes: list[Envelope]) -> None:
         """Their pipeline is done; retire their WAL records once the sinks have flushed them."""
         if self.wal is not None:
             self._finished_seqs.extend(e.wal_seq for e in envelopes if e.wal_seq)
+        if self.fleet is not None:  # work taken from the region's queue: reported
+            self.fleet.finished(envelopes)
 
     async def _flush_and_retire(self, close: bool = False) -> None:
         finished, self._finished_seqs = self._finished_seqs, []

@@ -195,11 +195,19 @@ class Broker:
         self.dropped = 0
         self.on_will: Callable[[Message], None] | None = None
         """Where a will goes when published (the gateway routes it like any PUBLISH)."""
+        self.on_filter: Callable[[str, int], None] | None = None
+        """Told (filter, +1 or -1) when a subscription or a watch comes or goes (the fleet
+        binds its queue for the filters subscribed here)."""
+        self.forward: Callable[[Message], None] | None = None
+        """Given every message published here, except those that came from the fleet."""
+        self.remote_interest = False
+        """Replicas elsewhere subscribe to something: every message is routed (to
+        ``forward``), subscribed here or not."""
 
     @property
     def subscribed(self) -> bool:
         """Whether anyone subscribes to anything (else routing is skipped)."""
-        return len(self._trie) > 0 or len(self._watchers) > 0
+        return len(self._trie) > 0 or len(self._watchers) > 0 or self.remote_interest
 
     def watch(self, topic_filter: str, callback: Callable[[Message], None]
               ) -> Callable[[], None]:
@@ -208,9 +216,12 @@ class Broker:
         the function that stops it. ValueError for an invalid filter."""
         key = next(self._watch_ids)
         self._watchers.add(topic_filter, key, callback)
+        if self.on_filter is not None:
+            self.on_filter(topic_filter, 1)
 
         def stop() -> None:
-            self._watchers.remove(topic_filter, key)
+            if self._watchers.remove(topic_filter, key) and self.on_filter is not None:
+                self.on_filter(topic_filter, -1)
 
         return stop
 
@@ -373,6 +384,8 @@ class Broker:
                     codes.append(0x87)  # not authorized
                     continue
                 self._trie.add(inner, key, subscription)
+                if not existed and self.on_filter is not None:
+                    self.on_filter(inner, 1)
             except ValueError as err:
                 log.info("mqtt client %s (%r): subscription %r refused: %s", client.peer,
                          session.client_id, topic_filter, err)
@@ -406,18 +419,24 @@ class Broker:
 
     def _unroute(self, client_id: str, topic_filter: str) -> None:
         group, inner = split_shared(topic_filter)
-        self._trie.remove(inner, client_id if group is None else (group, client_id))
+        if (self._trie.remove(inner, client_id if group is None else (group, client_id))
+                and self.on_filter is not None):
+            self.on_filter(inner, -1)
 
     # -- routing -----------------------------------------------------------------------
-    def publish(self, message: Message, origin: str | None = None) -> int:
+    def publish(self, message: Message, origin: str | None = None, *,
+                forward: bool = True) -> int:
         """Route ``message`` (from client id ``origin``, if any) to every matching
-        subscription; keep it if retained. Returns the number of sessions it went to."""
+        subscription; keep it if retained. Returns the number of sessions it went to.
+        ``forward``: also hand it to ``self.forward`` (False: it came from the fleet)."""
         if message.retain:
             self.changed = True
             if message.payload:
                 self.retained.set(message.topic, message)
             else:  # an empty retained message clears the topic [MQTT-3.3.1-10, -11]
                 self.retained.delete(message.topic)
+        if forward and self.forward is not None:
+            self.forward(message)
         if self._watchers:
             for _, callback, _ in self._watchers.match(message.topic):
                 callback(message)

@@ -23,12 +23,14 @@ from gateway.coap_bench import bench_coap_command
 from gateway.config import Config, load_config, split_host_port
 from gateway.errors import ConfigError, GatewayError
 from gateway.simulate import simulate_command
+from gateway.supervisor import WorkerCount, WorkerRole
+from gateway.workers_bench import bench_workers_command
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, tag: str | None = None) -> None:
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {f'[{tag}] ' if tag else ''}%(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -67,21 +69,37 @@ def main() -> None:
               help="Turn AMQP on (RabbitMQ, amqp://user:password@host:port/vhost): consume "
                    "the [amqp] queues (default iotgw.ingest), publish processed results to "
                    "iotgw.processed and alerts to iotgw.alerts; overrides amqp.url.")
+@click.option("--fleet-url", metavar="URL",
+              help="Join the region's fleet through RabbitMQ (amqp://...): give saturated work "
+                   "to the region's work queue, take it when idle, and route MQTT messages "
+                   "to subscribers on every replica; overrides fleet.url.")
+@click.option("--workers", type=WorkerCount(), default="1", show_default=True,
+              help="Gateway processes sharing the listeners (SO_REUSEPORT), under a supervisor "
+                   "that restarts them; 0 or auto: one per CPU; 1: one process, no supervisor.")
+@click.option("--worker", "worker_spec", hidden=True, help="Internal: serve as a worker.")
 def serve(config_path: Path | None, mqtt_listen: str | None, admin_listen: str | None,
           log_level: str | None, shutdown_timeout: float, coap_listen: str | None,
-          amqp_url: str | None) -> None:
+          amqp_url: str | None, fleet_url: str | None, workers: int,
+          worker_spec: str | None) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
     import uvloop
 
     from gateway.app import Gateway
+    from gateway.supervisor import serve_worker, supervise
 
     config = _load_or_exit(config_path)
-    _setup_logging(log_level or config.gateway.log_level)
+    role = WorkerRole.decode(worker_spec) if worker_spec is not None else None
+    _setup_logging(log_level or config.gateway.log_level, role.tag if role else None)
     try:
+        if role is None and workers != 1:
+            sys.exit(supervise(config, workers, click.get_current_context(),
+                               mqtt_listen=mqtt_listen, admin_listen=admin_listen,
+                               coap_listen=coap_listen, shutdown_timeout=shutdown_timeout))
         gateway = Gateway(config, config_path=config_path, mqtt_listen=mqtt_listen,
                           admin_listen=admin_listen, shutdown_timeout=shutdown_timeout,
-                          amqp_url=amqp_url, coap_listen=coap_listen)
-        uvloop.run(gateway.run())
+                          amqp_url=amqp_url, coap_listen=coap_listen, worker=role,
+                          fleet_url=fleet_url)
+        uvloop.run(gateway.run() if role is None else serve_worker(gateway, role))
     except ConfigError as err:
         where = config_path or "built-in config"
         raise _ConfigClickException(f"invalid configuration: {where}: {err}") from None
@@ -308,6 +326,7 @@ main.add_command(passwd_command)
 main.add_command(bench_broker_command)
 main.add_command(bench_amqp_command)
 main.add_command(bench_coap_command)
+main.add_command(bench_workers_command)
 main.add_command(simulate_command)
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from msgspec import Meta, Struct
 
 from gateway.auth import AuthSection
 from gateway.errors import ConfigError
+from gateway.fleet.config import FleetSection
+from gateway.fleet.config import check_tiers as check_fleet_tiers
 from policies.anomaly import AnomalySection
 from policies.maintenance import MaintenanceSection
 from policies.scaling import ScalingSection, check_scaling
@@ -250,6 +252,7 @@ class Config(_Base, frozen=True):
     maintenance: MaintenanceSection = MaintenanceSection()
     scaling: ScalingSection = ScalingSection()
     amqp: AmqpSection = AmqpSection()
+    fleet: FleetSection = FleetSection()
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -274,6 +277,7 @@ class Config(_Base, frozen=True):
                     raise ValueError(f"pipelines[{i}].tiers: unknown tier {t!r}")
         check_amqp_tiers(self.amqp, names)
         check_scaling(self.scaling)
+        check_fleet_tiers(self.fleet, names)
 
     @property
     def tier_names(self) -> list[str]:

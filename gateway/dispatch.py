@@ -229,6 +229,25 @@ class Dispatcher:
         self.lane_by_tier[tier].resumed.append((count, resume))
         self.accepted(count)
 
+    def withdraw(self, lane: Lane, take: Callable[[Envelope], bool]) -> list[Envelope]:
+        """Take the queued messages ``take`` selects out of ``lane`` (work that leaves this
+        node: fleet overflow); both parts keep their order. The deque stays the same object
+        (ingest holds it)."""
+        taken: list[Envelope] = []
+        kept: list[Envelope] = []
+        for envelope in lane.items:
+            (taken if take(envelope) else kept).append(envelope)
+        if taken:
+            lane.items.clear()
+            lane.items.extend(kept)
+            self.queued -= len(taken)
+            if self.pressure and self.queued < self.resume_queued:
+                self.pressure = False
+                self._on_pressure(False)
+            if not self.queued and self._idle is not None:
+                self._idle.set()
+        return taken
+
     def set_maintenance(self, slots: int, run_slice: Callable[[], bool] | None) -> None:
         """Give maintenance up to ``slots`` slots per drain (0 or None: none); ``run_slice()``
         runs one slice of its work and says whether another one is ready now. Once it said

@@ -144,6 +144,9 @@ class MQTTIngest:
         """Authentication, ACLs and limits (``[auth]``); None: anyone may do anything."""
         self._checks: set[asyncio.Task[None]] = set()  # password checks in flight
         self._decode = msgspec.json.Decoder().decode
+        self.divert: Callable[[list[Envelope]], list[Envelope]] | None = None
+        """Takes the envelopes that leave this node (fleet overflow) before they reach the
+        lanes; returns the others, in order."""
         self.configure(settings, tiers, dispatch, classifier)
 
     def configure(self, settings: MQTTListener, tiers: list[Tier], dispatch: DispatchSection,
@@ -514,6 +517,10 @@ class MQTTIngest:
         """Hand classified envelopes to their lanes, in order."""
         if not envelopes:
             return
+        if self.divert is not None:
+            envelopes = self.divert(envelopes)
+            if not envelopes:
+                return
         lanes = self._lanes
         for envelope in envelopes:
             severity = envelope.anomaly

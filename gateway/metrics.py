@@ -160,6 +160,7 @@ class Metrics:
         self.mqtt_retained = Gauge(
             "iotgw_mqtt_retained_messages", "Retained messages kept", registry=r)
         self.amqp = AmqpMetrics(r)
+        self.fleet = FleetMetrics(r)
         self.queue_depth = Gauge(
             "iotgw_queue_depth", "Messages waiting in each dispatcher lane", ["lane"], registry=r)
         self.ingest_pauses = Counter(
@@ -299,4 +300,31 @@ class AmqpMetrics:
         self.dropped = Counter(
             "iotgw_amqp_dropped_messages", "Messages not published because too many were "
             "held while RabbitMQ was away (QoS 0 results, the oldest alerts)", ["link"],
+            registry=r)
+
+
+class FleetMetrics:
+    """The fleet's metrics (``gateway.fleet``): overflow to the region's work queue, and MQTT
+    messages between replicas. Its AMQP links count in ``iotgw_amqp_*{link="fleet:..."}``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.overflow_messages = Counter(
+            "iotgw_overflow_messages", "Messages given away to the region's work queue "
+            "(direction: out) or taken in from it (in)", ["tier", "direction"], registry=r)
+        self.overflow_devices = Gauge(
+            "iotgw_overflow_devices", "(device, tier)s whose work goes to the region's work "
+            "queue now", registry=r)
+        self.taking = Gauge(
+            "iotgw_overflow_taking", "1 while this replica consumes the region's work queue",
+            registry=r)
+        self.messages = Counter(
+            "iotgw_fleet_messages", "MQTT messages published to the fleet exchange for "
+            "subscribers on other replicas (direction: out) or received from it (in)",
+            ["direction"], registry=r)
+        self.bindings = Gauge(
+            "iotgw_fleet_bindings", "Topic filters bound to this replica's fleet queue",
+            registry=r)
+        self.peers = Gauge(
+            "iotgw_fleet_peers", "Other replicas whose subscriptions this one knows",
             registry=r)

@@ -223,7 +223,9 @@ class ConfirmedPublisher:
                              self.link, self.where, len(self.queue))
                     down_logged = False
                 self._start_channel(client)
-                await client.closed
+                # Shielded: a cancelled close() must not cancel the connection's own future,
+                # which client.close() below waits on (else the socket is never aborted).
+                await asyncio.shield(client.closed)
             except _LINK_ERRORS as err:
                 self.down = True
                 self._metrics.link_errors.labels(self.link).inc()

@@ -118,7 +118,8 @@ def short_str(value: str) -> bytes:
 
 def encode_properties(*, content_type: str | None = None, delivery_mode: int | None = None,
                       message_id: str | None = None,
-                      headers: Mapping[str, Any] | None = None) -> bytes:
+                      headers: Mapping[str, Any] | None = None,
+                      priority: int | None = None) -> bytes:
     """The property flags and fields of a content header (the ones the gateway sets)."""
     flags = 0
     fields = b""
@@ -131,6 +132,9 @@ def encode_properties(*, content_type: str | None = None, delivery_mode: int | N
     if delivery_mode is not None:
         flags |= _FLAG_DELIVERY_MODE
         fields += bytes((delivery_mode,))
+    if priority is not None:
+        flags |= _FLAG_PRIORITY
+        fields += bytes((priority,))
     if message_id is not None:
         flags |= _FLAG_MESSAGE_ID
         fields += short_str(message_id)

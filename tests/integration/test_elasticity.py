@@ -34,7 +34,8 @@ class BurnOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class BurnStage:
-    """CPU-heavy processing: busy for a fixed time per message."""
+    """Costly processing: the loop is held for a fixed time per message. It sleeps rather
+    than spins so that the load generator's threads (in this process) keep their pace."""
 
     Options: ClassVar[type[msgspec.Struct]] = BurnOptions
 
@@ -42,9 +43,7 @@ class BurnStage:
         self.seconds = options.us_per_message / 1e6
 
     def process(self, batch: list[Envelope]) -> list[Envelope]:
-        until = time.perf_counter() + self.seconds * len(batch)
-        while time.perf_counter() < until:
-            pass
+        time.sleep(self.seconds * len(batch))
         return batch
 
 
@@ -57,7 +56,7 @@ def elastic_config(extra: str = "") -> str:
     base = DEFAULT_TOML.replace("slots = 4 ", "slots = 1 ").replace("batch_size = 512",
                                                                     "batch_size = 64")
     base = base.replace('  { type = "enrich" },\n',
-                        '  { type = "enrich" },\n  { type = "burn", us_per_message = 150 },\n')
+                        '  { type = "enrich" },\n  { type = "burn", us_per_message = 300 },\n')
     return base + """
 [scaling]
 policy = "reactive"
@@ -279,3 +278,15 @@ def test_the_autoscaler_examples_are_valid_config(example: str) -> None:
     config = parse_config(DEFAULT_TOML + "\n" + (EXAMPLES / example).read_text())
     assert config.scaling.hook.command and "{desired_replicas}" in " ".join(
         config.scaling.hook.command)
+
+
+def test_workers_of_one_host_ask_for_the_hosts_replicas_and_one_runs_the_hook() -> None:
+    """Under ``serve --workers N`` each worker sees about 1/N of the load: against 1/N of the
+    host's capacity its desired replicas are the host's, and only one of them runs the hook."""
+    from gateway.supervisor import WorkerRole
+
+    config = parse_config(DEFAULT_TOML + "\n" + (EXAMPLES / "scaling-aws-asg.toml").read_text())
+    first, second = (WorkerRole(index=i, count=2).apply(config) for i in (0, 1))
+    assert first.scaling.replica_capacity_per_s == config.scaling.replica_capacity_per_s / 2
+    assert second.scaling.replica_capacity_per_s == first.scaling.replica_capacity_per_s
+    assert first.scaling.hook == config.scaling.hook and not second.scaling.hook.command
