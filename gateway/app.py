@@ -54,6 +54,7 @@ from gateway.maintenance import Maintenance
 from gateway.maintenance import validate as validate_maintenance
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, StageContext, build_pipelines
+from gateway.regions import Regions
 from gateway.registry import DeviceRegistry
 from gateway.scaling import Elasticity
 from gateway.sinks import Sink, build_sinks
@@ -82,7 +83,7 @@ ADOPT_INTERVAL_S = 5.0  # how often to look for the logs of daemons that have ex
 # Settings a reload cannot change: they need a restart (a side-by-side upgrade does it).
 RESTART_ONLY = ("mqtt.listen", "admin.listen", "gateway.node_id", "gateway.state_dir",
                 "wal", "audit", "amqp", "coap.listen", "coap.enabled", "fleet",
-                "scaling.enabled")
+                "scaling.enabled", "regions")
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Gateway:
         self.amqp: AmqpHandle | None = None
         self.fleet_url = fleet_url  # --fleet-url: kept across reloads
         self.fleet: Fleet | None = None
+        self.regions: Regions | None = None
         self.worker = worker  # serve --workers: one of several processes (gateway.supervisor)
         config = with_fleet(with_amqp(config, amqp_url), fleet_url)
         self.config = config = worker.apply(config) if worker is not None else config
@@ -294,6 +296,13 @@ class Gateway:
         if self.audit is not None:
             self._open_audit()
             self._unwind.append(self.audit.close)
+        if self.config.regions.enabled:  # ahead of the replay: replayed work is placed too
+            regions = self.regions = Regions(
+                self.config, ingest=self.ingest, dispatcher=self.dispatcher, wal=self.wal,
+                metrics=self.metrics, audit=self._audit,
+                summarise=self.audit.summarise if self.audit else None)
+            regions.start()
+            self._unwind.append(lambda: regions.close(self.config.fleet.confirm_timeout_s))
         if self.wal is not None and self.instance is not None:
             self.instance.claim()
             self._unwind.append(self.instance.release)
@@ -307,6 +316,8 @@ class Gateway:
                 metrics=self.metrics, audit=self._audit,
                 summarise=self.audit.summarise if self.audit else None)
             fleet.start()
+            if self.regions is not None:  # placement first, then overflow of what stays
+                self.regions.follow(self.ingest.divert)
             self._unwind.append(lambda: fleet.close(self.config.fleet.confirm_timeout_s))
         await self._listen()
         if self.config.amqp.url is not None:  # connects in the background, reconnects
@@ -475,6 +486,8 @@ class Gateway:
             await self.amqp.stop_consuming()
         if self.fleet is not None:  # what it took is processed first, then handed back
             self.fleet.stop_taking()
+        if self.regions is not None:  # forwarded work taken is processed first
+            self.regions.stop_taking()
         for client in list(self.ingest.clients):
             client.close(SERVER_SHUTTING_DOWN)
         deadline = time.monotonic() + self.shutdown_timeout
@@ -493,6 +506,8 @@ class Gateway:
                         "in the write-ahead log for the next start", left)
         self.maintenance.close()
         self.broker_store.save_now()  # every connection is closed: sessions are final
+        if self.regions is not None:  # confirmed forwards retired; the spool stays in the WAL
+            await self.regions.close(self.config.fleet.confirm_timeout_s)
         if self.fleet is not None:  # confirmed work given away is retired
             await self.fleet.close(self.config.fleet.confirm_timeout_s)
         await self._flush_and_retire(close=True)
@@ -552,6 +567,8 @@ class Gateway:
             self.elasticity.reconfigure(new.scaling, _tier_bounds(new))
         if self.fleet is not None:
             self.fleet.reconfigure(new)
+        if self.regions is not None:
+            self.regions.reconfigure(new)
         self.maintenance.reconfigure(new.maintenance)
         self.ingest.broker.settings = new.broker  # bounds apply to what comes next
         self.ingest.configure(new.mqtt, new.tiers, new.dispatch, parts.classifier,

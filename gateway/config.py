@@ -20,6 +20,7 @@ from gateway.fleet.config import FleetSection
 from gateway.fleet.config import check_tiers as check_fleet_tiers
 from policies.anomaly import AnomalySection
 from policies.maintenance import MaintenanceSection
+from policies.regions import RegionsSection, check_regions
 from policies.scaling import ScalingSection, check_scaling
 from protocols.amqp.config import AmqpSection
 from protocols.amqp.config import check_tiers as check_amqp_tiers
@@ -253,6 +254,8 @@ class Config(_Base, frozen=True):
     scaling: ScalingSection = ScalingSection()
     amqp: AmqpSection = AmqpSection()
     fleet: FleetSection = FleetSection()
+    regions: RegionsSection = RegionsSection()
+    """Regional processing (``gateway.regions``); empty: off. Its RabbitMQ is ``fleet.url``."""
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -278,6 +281,7 @@ class Config(_Base, frozen=True):
         check_amqp_tiers(self.amqp, names)
         check_scaling(self.scaling)
         check_fleet_tiers(self.fleet, names)
+        check_regions(self.regions, self.gateway.region)
 
     @property
     def tier_names(self) -> list[str]:

@@ -161,6 +161,7 @@ class Metrics:
             "iotgw_mqtt_retained_messages", "Retained messages kept", registry=r)
         self.amqp = AmqpMetrics(r)
         self.fleet = FleetMetrics(r)
+        self.regions = RegionMetrics(r)
         self.queue_depth = Gauge(
             "iotgw_queue_depth", "Messages waiting in each dispatcher lane", ["lane"], registry=r)
         self.ingest_pauses = Counter(
@@ -327,4 +328,36 @@ class FleetMetrics:
             registry=r)
         self.peers = Gauge(
             "iotgw_fleet_peers", "Other replicas whose subscriptions this one knows",
+            registry=r)
+
+
+class RegionMetrics:
+    """Regional processing (``gateway.regions``): placements, bytes crossing regions, health,
+    the spool. Its AMQP links count in ``iotgw_amqp_*{link="regions:..."}``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.transfer_bytes = Counter(
+            "iotgw_region_transfer_bytes", "Bytes of work bodies forwarded from region src to "
+            "region dst", ["src", "dst"], registry=r)
+        self.local_bytes = Counter(
+            "iotgw_region_local_bytes", "Payload bytes placed for processing in the region "
+            "they arrived in", registry=r)
+        self.placements = Counter(
+            "iotgw_region_placements", "Placement decisions (local, forward, spool)",
+            ["action"], registry=r)
+        self.up = Gauge(
+            "iotgw_region_up", "1 while a region counts as up for placement (heartbeats "
+            "arriving, link working)", ["region"], registry=r)
+        self.spooled = Gauge(
+            "iotgw_region_spooled_messages", "Messages spooled for a region that is down",
+            registry=r)
+        self.spool_dropped = Counter(
+            "iotgw_region_spool_dropped", "QoS 0 messages dropped because the spool held "
+            "max_spooled of them", registry=r)
+        self.residency_refused = Counter(
+            "iotgw_region_residency_refused", "Forwarded work refused (dead-lettered) because "
+            "this region may not hold it", registry=r)
+        self.taken = Counter(
+            "iotgw_region_taken_messages", "Forwarded work taken in from this region's queue",
             registry=r)

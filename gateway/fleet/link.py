@@ -87,9 +87,9 @@ class Link:
         if self.client is not None:
             self.client.ack(CHANNEL, delivery_tag)
 
-    def nack(self, delivery_tag: int) -> None:
+    def nack(self, delivery_tag: int, requeue: bool = True) -> None:
         if self.client is not None:
-            self.client.nack(CHANNEL, delivery_tag)
+            self.client.nack(CHANNEL, delivery_tag, requeue=requeue)
 
     async def _run(self) -> None:
         while not self._stop.is_set():

@@ -48,6 +48,7 @@ from gateway.fleet.codec import (
     WORK,
     DoneReport,
     FleetDecodeError,
+    WorkItem,
     decode_work,
     encode_done,
     encode_work,
@@ -64,7 +65,9 @@ from protocols.amqp.wire import Delivery, encode_properties
 
 log = logging.getLogger("iotgw.fleet.overflow")
 
-WAITING, ACK, NACK = 0, 1, 2
+WAITING, ACK, NACK, REJECT = 0, 1, 2, 3
+"""Outcomes of a batch of deliveries: waiting for its commit, acknowledged, requeued, refused
+(rejected without requeue: RabbitMQ dead-letters it if the queue says where)."""
 SCAN_PAUSE_S = 0.2
 """After a scan of a saturated lane found nothing to give away, wait this long to scan it
 again (scanning a long lane costs milliseconds)."""
@@ -94,6 +97,38 @@ class Ingest(Protocol):
     accepting: bool
 
     def enqueue(self, envelopes: list[Envelope]) -> None: ...
+
+
+class TakerHost(Protocol):
+    """What a ``Taker`` needs from the one it takes work for: ``Overflow`` (the region's work
+    queues) or ``gateway.regions.Regions`` (a region's forwarded work)."""
+
+    section: FleetSection
+    """Its link settings (url, heartbeat, timeouts, prefetch)."""
+    queues: list[str]
+    origin: str
+    metrics: Metrics
+    dispatcher: Dispatcher
+    wal: Durability | None
+    recent: OrderedDict[str, None]
+    deadlines_ns: dict[str, int]
+    default_tier: str
+    anomaly_lanes: bool
+    link_name: str
+    """Names its link (``iotgw_amqp_*{link}``) and its log lines."""
+
+    async def declare(self, link: Link) -> None:
+        """Declares ``queues`` (and whatever they need) before consuming them."""
+
+    def room(self) -> int: ...
+
+    def admit(self, item: WorkItem) -> bool:
+        """False: the item must not be processed here (rejected, never requeued)."""
+
+    def taken(self, item: WorkItem) -> object:
+        """The ``Envelope.ack`` marking work taken in."""
+
+    def took(self, envelopes: list[Envelope]) -> None: ...
 
 
 class Taken:
@@ -157,7 +192,7 @@ class Overflow:
                        for p in range(section.partitions)]
         self.given: dict[tuple[str, str], _Given] = {}
         self.taken_unfinished = 0
-        self.taker: _Taker | None = None
+        self.taker: Taker | None = None
         self.given_out = 0
         self.taken_in = 0
         self._seq = 0
@@ -453,7 +488,7 @@ class Overflow:
         if taker is None:
             if (not self._stopping and not saturated and now >= self._retake_at
                     and self.take_below() > 0 and self.room() > 0):
-                self.taker = _Taker(self)
+                self.taker = Taker(self)
                 self.taker.start()
                 self._taking_gauge.set(1)
                 self._record("fleet.taking", state="start", queued=self.dispatcher.queued)
@@ -466,7 +501,7 @@ class Overflow:
               and now - taker.blocked_since > self.section.handoff_after_s):
             taker.check_standbys()  # hands over if another replica waits for the work
 
-    async def _hand_off(self, taker: _Taker) -> None:
+    async def _hand_off(self, taker: Taker) -> None:
         try:
             await taker.close()
         finally:
@@ -488,6 +523,21 @@ class Overflow:
         self.ingest.enqueue(envelopes)
         for tier, n in counts.items():
             self._count(tier, "in", n)
+
+    # -- as the taker's host (``TakerHost``) ---------------------------------------------------
+    link_name = "fleet:work"
+
+    async def declare(self, link: Link) -> None:
+        for name in self.queues:
+            await link.call(commands.Queue.Declare(
+                queue=name, durable=True, arguments=work_queue_arguments(self.section)),
+                commands.Queue.DeclareOk)
+
+    def admit(self, item: WorkItem) -> bool:
+        return True
+
+    def taken(self, item: WorkItem) -> object:
+        return Taken(item.origin, item.reply, item.seq, item.tier)
 
     def finished(self, envelopes: list[Envelope]) -> None:
         """Processing finished these (or shed them): work taken in is reported to its origin."""
@@ -534,15 +584,17 @@ class Overflow:
             self._audit(event, **fields)
 
 
-class _Taker:
+class Taker:
     """One period of taking work: a consumer of every partition, held deliveries, settling
-    in tag order (see the module doc)."""
+    in tag order (see the module doc). Serves any ``TakerHost``: overflow's work queues, or a
+    region's queue of forwarded work (``gateway.regions``), whose host refuses work its
+    region may not hold (``admit``): such deliveries are rejected without requeue."""
 
-    def __init__(self, overflow: Overflow) -> None:
+    def __init__(self, overflow: TakerHost) -> None:
         self.overflow = overflow
         section = overflow.section
         assert section.url is not None
-        self.link = Link("fleet:work", section.url, LinkSettings(
+        self.link = Link(overflow.link_name, section.url, LinkSettings(
             section.heartbeat_s, section.connect_timeout_s, section.reconnect_initial_s,
             section.reconnect_max_s), overflow.metrics.amqp, setup=self._setup,
             on_deliveries=self._take, on_down=self._lost,
@@ -570,16 +622,13 @@ class _Taker:
         section = overflow.section
         await link.call(commands.Basic.Qos(prefetch_count=section.prefetch),
                         commands.Basic.QosOk)
-        for name in overflow.queues:
-            await link.call(commands.Queue.Declare(
-                queue=name, durable=True, arguments=work_queue_arguments(section)),
-                commands.Queue.DeclareOk)
+        await overflow.declare(link)
         for name in overflow.queues:
             await link.call(commands.Basic.Consume(queue=name, consumer_tag=f"{name} "
                                                    f"{overflow.origin}"),
                             commands.Basic.ConsumeOk)
-        log.info("fleet: taking work from %d partitions (%s ...)", len(overflow.queues),
-                 overflow.queues[0])
+        log.info("%s: taking work from %d queues (%s ...)", overflow.link_name,
+                 len(overflow.queues), overflow.queues[0])
 
     def _lost(self) -> None:
         """The channel is gone: RabbitMQ requeues what it did not get an ack for."""
@@ -653,30 +702,61 @@ class _Taker:
             self.blocked_since = None
 
     def _submit(self, chunk: list[Delivery]) -> int:
+        """Takes ``chunk`` in (durably, then acked in tag order); deliveries the host refuses
+        split it: they are rejected, in their place of the tag order. Returns the number of
+        messages taken in."""
         overflow = self.overflow
         recent = overflow.recent
         envelopes: list[Envelope] = []
         deadlines, default = overflow.deadlines_ns, overflow.default_tier
         anomaly_lanes = overflow.anomaly_lanes
         now_ns, now = time.monotonic_ns(), time.time()
+        taken = 0
+        refused_tag = 0  # the last of a run of refused deliveries
+        last_tag = 0  # the last of the run being taken
         for d in chunk:
             if d.properties.content_type != WORK:
                 self._bad(d, "not a work item")
+                item = None
+            else:
+                try:
+                    item = decode_work(d.body)
+                except FleetDecodeError as err:
+                    self._bad(d, str(err))
+                    item = None
+            if item is not None and not overflow.admit(item):
+                if last_tag:
+                    taken += self._take_run(last_tag, envelopes)
+                    envelopes, last_tag = [], 0
+                refused_tag = d.delivery_tag
                 continue
-            try:
-                item = decode_work(d.body)
-            except FleetDecodeError as err:
-                self._bad(d, str(err))
-                continue
-            if item.id in recent:  # a second copy: acknowledged, not taken again
+            if refused_tag:
+                self._reject_run(refused_tag)
+                refused_tag = 0
+            last_tag = d.delivery_tag
+            if item is None or item.id in recent:  # a second copy: acked, not taken again
                 continue
             recent[item.id] = None
             env = envelope_of(item, deadlines, default, anomaly_lanes, now_ns, now)
-            env.ack = Taken(item.origin, item.reply, item.seq, item.tier)
+            env.ack = overflow.taken(item)
             envelopes.append(env)
         for _ in range(len(recent) - RECENT_IDS):
             recent.popitem(last=False)
-        batch = _Batch(chunk[-1].delivery_tag, self.session)
+        if refused_tag:
+            self._reject_run(refused_tag)
+        if last_tag:
+            taken += self._take_run(last_tag, envelopes)
+        return taken
+
+    def _reject_run(self, last_tag: int) -> None:
+        batch = _Batch(last_tag, self.session)
+        batch.outcome = REJECT
+        self.batches.append(batch)
+        self._settle_soon()
+
+    def _take_run(self, last_tag: int, envelopes: list[Envelope]) -> int:
+        overflow = self.overflow
+        batch = _Batch(last_tag, self.session)
         self.batches.append(batch)
         wal = overflow.wal
         durable = [e for e in envelopes if e.qos]
@@ -733,7 +813,7 @@ class _Taker:
             if outcome == ACK:
                 link.ack(last)
             else:
-                link.nack(last)
+                link.nack(last, requeue=outcome == NACK)
 
 
 def _oldest_own(items: deque[Envelope], now_ns: int, look: int = 256) -> int:

@@ -143,10 +143,11 @@ class AmqpClientProtocol(asyncio.Protocol):
             self.codec.ack(channel, delivery_tag, multiple=True)
             self._flush()
 
-    def nack(self, channel: int, delivery_tag: int) -> None:
-        """Reject every delivery up to ``delivery_tag`` (multiple), requeued."""
+    def nack(self, channel: int, delivery_tag: int, requeue: bool = True) -> None:
+        """Reject every delivery up to ``delivery_tag`` (multiple): requeued, or (``requeue``
+        false) dropped or dead-lettered, as the queue says."""
         if self.transport is not None:
-            self.codec.nack(channel, delivery_tag, multiple=True, requeue=True)
+            self.codec.nack(channel, delivery_tag, multiple=True, requeue=requeue)
             self._flush()
 
     async def close(self, timeout: float) -> None:
