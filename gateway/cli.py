@@ -22,6 +22,7 @@ from gateway.broker_bench import bench_broker_command
 from gateway.coap_bench import bench_coap_command
 from gateway.config import Config, load_config, split_host_port
 from gateway.errors import ConfigError, GatewayError
+from gateway.regions_bench import bench_regions_command
 from gateway.simulate import simulate_command
 from gateway.supervisor import WorkerCount, WorkerRole
 from gateway.workers_bench import bench_workers_command
@@ -327,6 +328,7 @@ main.add_command(bench_broker_command)
 main.add_command(bench_amqp_command)
 main.add_command(bench_coap_command)
 main.add_command(bench_workers_command)
+main.add_command(bench_regions_command)
 main.add_command(simulate_command)
 
 if __name__ == "__main__":
