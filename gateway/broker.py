@@ -61,6 +61,9 @@ NO_SUBSCRIPTION_EXISTED = 0x11
 SHARED_NOT_SUPPORTED = 0x9E
 SUBSCRIPTION_IDS_NOT_SUPPORTED = 0xA1
 TOPIC_FILTER_INVALID = 0x8F
+QUOTA_EXCEEDED = 0x97
+LIMIT_LOG_INTERVAL_S = 10.0
+"""A client that keeps hitting a limit is logged at most this often (it is always counted)."""
 NORMAL_DISCONNECT = 0x00
 DISCONNECT_WITH_WILL = 0x04
 NEVER_EXPIRES = 0xFFFFFFFF
@@ -192,6 +195,7 @@ class Broker:
         """Durable state changed since the last ``save()``."""
         self.delivered = 0
         self._delivered_counted = 0
+        self._limit_logged = -LIMIT_LOG_INTERVAL_S
         self.dropped = 0
         self.on_will: Callable[[Message], None] | None = None
         """Where a will goes when published (the gateway routes it like any PUBLISH)."""
@@ -383,6 +387,16 @@ class Broker:
                 if allowed is not None and not allowed(topic_filter):
                     codes.append(0x87)  # not authorized
                     continue
+                limit = self.settings.max_subscriptions_per_client
+                if topic_filter not in session.subscriptions and len(
+                        session.subscriptions) >= limit:
+                    if self.metrics is not None:
+                        self.metrics.mqtt_refused_subscriptions.inc()
+                    self._log_limit("mqtt client %s (%r): subscription %r refused: it holds "
+                                    "max_subscriptions_per_client (%d) already", client.peer,
+                                    session.client_id, topic_filter, limit)
+                    codes.append(QUOTA_EXCEEDED)
+                    continue
                 self._trie.add(inner, key, subscription)
                 if not existed and self.on_filter is not None:
                     self.on_filter(inner, 1)
@@ -417,6 +431,12 @@ class Broker:
                 codes.append(0)
         return codes
 
+    def _log_limit(self, text: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._limit_logged >= LIMIT_LOG_INTERVAL_S:
+            self._limit_logged = now
+            log.warning(text, *args)
+
     def _unroute(self, client_id: str, topic_filter: str) -> None:
         group, inner = split_shared(topic_filter)
         if (self._trie.remove(inner, client_id if group is None else (group, client_id))
@@ -431,10 +451,17 @@ class Broker:
         ``forward``: also hand it to ``self.forward`` (False: it came from the fleet)."""
         if message.retain:
             self.changed = True
-            if message.payload:
+            if not message.payload:  # an empty retained message clears the topic
+                self.retained.delete(message.topic)  # [MQTT-3.3.1-10, -11]
+            elif (len(self.retained) < self.settings.max_retained
+                  or self.retained.get(message.topic) is not None):
                 self.retained.set(message.topic, message)
-            else:  # an empty retained message clears the topic [MQTT-3.3.1-10, -11]
-                self.retained.delete(message.topic)
+            else:  # delivered below, not kept
+                self.dropped += 1
+                if self.metrics is not None:
+                    self.metrics.mqtt_dropped.labels("retained_full").inc()
+                self._log_limit("retained message on %r from %r not kept: max_retained (%d) "
+                                "reached", message.topic, origin, self.settings.max_retained)
         if forward and self.forward is not None:
             self.forward(message)
         if self._watchers:

@@ -89,6 +89,12 @@ class BrokerSection(_Base, frozen=True):
     """Also queue QoS 0 messages for offline persistent sessions (Mosquitto's default: no)."""
     snapshot_interval_s: Annotated[float, Meta(gt=0)] = 5.0
     """How often changed sessions and retained messages are saved to the state dir."""
+    max_subscriptions_per_client: PositiveInt = 1000
+    """Subscriptions one session may hold; more are refused (SUBACK 0x97 quota exceeded,
+    MQTT 3.1.1: 0x80) and counted in ``iotgw_mqtt_refused_subscriptions_total``."""
+    max_retained: PositiveInt = 1_000_000
+    """Retained messages kept in all; a retained message for a new topic past it is still
+    delivered but not kept (``iotgw_mqtt_dropped_total{reason="retained_full"}``)."""
 
 
 class AdminSection(_Base, frozen=True):

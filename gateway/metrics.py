@@ -143,10 +143,14 @@ class Metrics:
         # The MQTT broker (gateway/broker.py).
         self.mqtt_delivered = Counter(
             "iotgw_mqtt_delivered", "PUBLISH packets sent to subscribers", registry=r)
+        self.mqtt_refused_subscriptions = Counter(
+            "iotgw_mqtt_refused_subscriptions", "Subscriptions refused because the session "
+            "held broker.max_subscriptions_per_client already", registry=r)
         self.mqtt_dropped = Counter(
             "iotgw_mqtt_dropped",
             "Messages for subscribers not delivered: queue_full (a session's bound), "
-            "too_large (over the client's maximum packet size), session_ended",
+            "too_large (over the client's maximum packet size), session_ended, retained_full "
+            "(a retained message delivered but not kept: broker.max_retained)",
             ["reason"], registry=r)
         self.mqtt_connections_refused = Counter(
             "iotgw_mqtt_connections_refused",
