@@ -718,9 +718,6 @@ def read_metrics(admin: str) -> GatewaySnapshot:
                 _add(snap.shed, labels["tier"], value)
             elif name == "iotgw_messages_refused_total":
                 _add(snap.refused, labels["protocol"], value)
-            elif (name == "iotgw_protocol_errors_total" and labels.get("protocol") == "coap"
-                  and labels.get("reason") == "overload"):
-                _add(snap.refused, "coap", value)
             elif name == "iotgw_anomalies_total":
                 _add(snap.anomalies, labels["severity"], value)
             elif name == "iotgw_dead_letters_total":

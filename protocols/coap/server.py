@@ -380,6 +380,8 @@ class _Resources(interfaces.ObservableResource):  # type: ignore[misc]
         elif outcome is _Outcome.REFUSED:
             response = self._refuse(request, "overload", "the gateway takes no work now",
                                     max_age=self.section.overload_max_age_s)
+            if request.mtype == Type.CON:  # a reading it would have acknowledged
+                self.metrics.messages_refused.labels(PROTOCOL, "overload").inc()
         else:
             response = self._refuse(request, "commit_failed", "not stored; send it again")
         if block1 is not None:  # the last block's, as aiocoap's own resources answer

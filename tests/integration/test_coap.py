@@ -209,6 +209,9 @@ async def test_overload_is_503_with_max_age(gateway: RunningGateway, endpoint: E
     finally:
         on_loop(gateway, lambda: setattr(ingest, "accepting", True))
     assert errors(gateway)["overload"] == 2
+    # The confirmable one is a reading the gateway would have acknowledged: refused, counted.
+    assert ('iotgw_messages_refused_total{protocol="coap",reason="overload"} 1.0'
+            in gateway.metrics())
     assert gateway.stats()["received"] == 0
     response = await request(client, Code.POST, endpoint.uri("/t/busy-1"), b'{"v": 2}',
                              content_format=JSON)
