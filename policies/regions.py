@@ -55,6 +55,8 @@ from typing import Annotated, Literal, Protocol, runtime_checkable
 
 from msgspec import Meta, Struct
 
+from policies.plugins import build_named
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "POLICIES",
@@ -454,27 +456,7 @@ def register_placement(name: str, factory: PlacementFactory) -> None:
     POLICIES[name] = factory
 
 
-def _load_entry_points() -> None:
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        if entry.name not in POLICIES:  # built-ins and registrations win
-            loaded = entry.load()
-            if not callable(loaded):
-                raise ValueError(f"entry point {ENTRY_POINT_GROUP}:{entry.name}: expected a"
-                                 f" class or factory taking the [regions] section,"
-                                 f" got {loaded!r}")
-            POLICIES[entry.name] = loaded
-
-
 def build_placement(section: RegionsSection) -> PlacementPolicy:
     """The policy ``section.placement`` names, made from the section; ValueError if unknown."""
-    if section.placement not in POLICIES:
-        _load_entry_points()
-    factory = POLICIES.get(section.placement)
-    if factory is None:
-        raise ValueError(f"regions.placement: unknown policy {section.placement!r}"
-                         f" (known: {', '.join(sorted(POLICIES))})")
-    policy = factory(section)
-    if not isinstance(policy, PlacementPolicy):
-        raise ValueError(f"regions.placement: {section.placement!r} made {policy!r}, which"
-                         f" has no `name` and `place(...)`")
-    return policy
+    return build_named("regions.placement", section.placement, section, POLICIES, ENTRY_POINT_GROUP,
+                       PlacementPolicy, "`name` and `place(...)`", entry_points)

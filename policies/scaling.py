@@ -66,6 +66,8 @@ from typing import Annotated, Protocol, runtime_checkable
 
 from msgspec import Meta, Struct
 
+from policies.plugins import build_named
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "POLICIES",
@@ -590,30 +592,10 @@ def register_policy(name: str, factory: PolicyFactory) -> None:
     POLICIES[name] = factory
 
 
-def _load_entry_points() -> None:
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        if entry.name not in POLICIES:  # built-ins and registrations win
-            loaded = entry.load()
-            if not callable(loaded):
-                raise ValueError(f"entry point {ENTRY_POINT_GROUP}:{entry.name}: expected a"
-                                 f" class or factory taking the [scaling] section,"
-                                 f" got {loaded!r}")
-            POLICIES[entry.name] = loaded
-
-
 def build_policy(section: ScalingSection) -> ScalingPolicy:
     """The policy ``section.policy`` names, made from the section; ValueError if unknown."""
-    if section.policy not in POLICIES:
-        _load_entry_points()
-    factory = POLICIES.get(section.policy)
-    if factory is None:
-        raise ValueError(f"scaling.policy: unknown policy {section.policy!r}"
-                         f" (known: {', '.join(sorted(POLICIES))})")
-    policy = factory(section)
-    if not isinstance(policy, ScalingPolicy):
-        raise ValueError(f"scaling.policy: {section.policy!r} made {policy!r}, which has no"
-                         f" `name` and `decide(sample)`")
-    return policy
+    return build_named("scaling.policy", section.policy, section, POLICIES, ENTRY_POINT_GROUP,
+                       ScalingPolicy, "`name` and `decide(sample)`", entry_points)
 
 
 HOOK_FIELDS = ("desired_replicas", "capacity_slots", "forecast", "arrivals", "node_id",
