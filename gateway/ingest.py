@@ -70,7 +70,8 @@ def _filter(topic_filter: str) -> re.Pattern[str]:
     return compile_topic_filter(topic_filter)
 
 
-def _base36(n: int) -> str:
+def base36(n: int) -> str:
+    """``n`` in base 36: short, sortable-enough ids (message ids, process epochs)."""
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     out = ""
     while n:
@@ -128,7 +129,7 @@ class MQTTIngest:
         self.shed = 0
         self.alerter: Alerter | None = None
         # Ids stay unique across restarts and side-by-side upgrades: node, start time, sequence.
-        self._prefix = f"{node_id}-{_base36(time.time_ns() // 1000)}-"
+        self._prefix = f"{node_id}-{base36(time.time_ns() // 1000)}-"
         self._sequence = count(1)
         self._received = metrics.messages_received.labels("mqtt")
         self._connections = metrics.connections.labels("mqtt")

@@ -1085,16 +1085,20 @@ class Simulation:
             self.flush()
             if now - last_ping >= 1.0:
                 last_ping = now
-                for link in self.all_links:
-                    link.ping(now)
-                if self.coap is not None:
-                    self.coap.tick(now)
+                self._keep_alive(now)
             if now - last_status >= 0.25:
                 last_status = now
                 self._status(t)
             if t >= duration:
                 break
             await asyncio.sleep(TICK_S)
+
+    def _keep_alive(self, now: float) -> None:
+        """Keepalive pings on idle connections; CoAP resends and give-ups."""
+        for link in self.all_links:
+            link.ping(now)
+        if self.coap is not None:
+            self.coap.tick(now)
 
     async def _settle(self) -> None:
         """Until everything queued is sent and answered (or the drain timeout passes)."""
@@ -1114,10 +1118,7 @@ class Simulation:
             self.flush()
             if now - last_ping >= 0.5:
                 last_ping = now
-                for link in self.all_links:
-                    link.ping(now)
-                if self.coap is not None:
-                    self.coap.tick(now)
+                self._keep_alive(now)
             if now - last_status >= 0.25:
                 last_status = now
                 self._status(now - self.started)

@@ -35,7 +35,7 @@ from gateway.fleet.codec import (
 from gateway.fleet.config import FleetSection
 from gateway.fleet.link import Link, LinkSettings
 from gateway.fleet.overflow import Durability, Overflow, work_queue_arguments
-from gateway.ingest import MQTTIngest
+from gateway.ingest import MQTTIngest, base36
 from gateway.metrics import Metrics
 from protocols.amqp.config import check_url
 from protocols.amqp.errors import AmqpError
@@ -43,16 +43,6 @@ from protocols.amqp.publisher import ConfirmedPublisher
 from protocols.amqp.wire import Delivery
 
 log = logging.getLogger("iotgw.fleet")
-
-_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def _base36(n: int) -> str:
-    out = ""
-    while n:
-        n, d = divmod(n, 36)
-        out = _DIGITS[d] + out
-    return out or "0"
 
 
 def with_fleet(config: Config, url: str | None) -> Config:
@@ -80,7 +70,7 @@ class Fleet:
         self.ingest = ingest
         node = self.node = config.gateway.node_id
         region = config.gateway.region
-        self.origin = f"{node}/{_base36(time.time_ns() // 1000)}"
+        self.origin = f"{node}/{base36(time.time_ns() // 1000)}"
         """This process in the fleet: a later run of the node is another origin."""
         self.queue = section.node_queue.format(node=node, region=region)
         settings = LinkSettings(section.heartbeat_s, section.connect_timeout_s,

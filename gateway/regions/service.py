@@ -20,6 +20,7 @@ from gateway.errors import ConfigError
 from gateway.fleet.codec import WORK, WorkItem, encode_work
 from gateway.fleet.link import Link, LinkSettings
 from gateway.fleet.overflow import Durability, Taken, Taker
+from gateway.ingest import base36
 from gateway.metrics import Metrics
 from gateway.regions.codec import HEARTBEAT, RegionDecodeError, decode_heartbeat, encode_heartbeat
 from gateway.regions.health import RegionHealth, Transition
@@ -36,15 +37,6 @@ SPOOL_PASS = 20_000
 next turn, in order)."""
 TICK_S = 0.05
 _LINK_DOWN = Placement("spool", "", "link down")
-_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def _base36(n: int) -> str:
-    out = ""
-    while n:
-        n, d = divmod(n, 36)
-        out = _DIGITS[d] + out
-    return out or "0"
 
 
 class Ingest(Protocol):
@@ -103,7 +95,7 @@ class Regions:
         self.url: str = config.fleet.url
         self.here = config.gateway.region
         self.node = config.gateway.node_id
-        self.origin = f"{self.node}/{_base36(time.time_ns() // 1000)}"
+        self.origin = f"{self.node}/{base36(time.time_ns() // 1000)}"
         self.ingest = ingest
         self.dispatcher = dispatcher
         self.wal = wal
